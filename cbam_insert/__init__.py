@@ -1,0 +1,28 @@
+"""cbam-insert: put CBAM attention into an existing PyTorch model without editing its source."""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("cbam-insert")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
+    __version__ = "0.0.0+unknown"
+
+from .api import PatchReport, apply_recipe, find_sites, insert_cbam
+from .errors import CBAMInsertError
+from .modules import CBAM, ChannelAttention, SpatialAttention
+from .sites import Site
+
+__all__ = [
+    "CBAM",
+    "CBAMInsertError",
+    "ChannelAttention",
+    "PatchReport",
+    "Site",
+    "SpatialAttention",
+    "__version__",
+    "apply_recipe",
+    "find_sites",
+    "insert_cbam",
+]

@@ -1,0 +1,353 @@
+"""The public Python API: ``find_sites`` and ``insert_cbam``.
+
+Example::
+
+    >>> import torch, torchvision
+    >>> from cbam_insert import insert_cbam, find_sites
+    >>> model = torchvision.models.resnet18()
+    >>> len([s for s in find_sites(model, after="block") if s.used])
+    8
+    >>> patched = insert_cbam(model, after="block", init="identity")
+    >>> x = torch.randn(1, 3, 224, 224)
+    >>> torch.allclose(patched.eval()(x), model.eval()(x), atol=1e-5)
+    True
+    >>> patched.cbam_report.modules[0]
+    'layer1.0.cbam_add'
+
+The report of what was done is attached to the result as ``patched.cbam_report`` (a
+``PatchReport``), and the recipe that repeats the patch as ``patched.cbam_recipe`` (a dict).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import __version__
+from .errors import CBAMInsertError
+from .modules import CBAM
+from .sites import PLACEMENTS, Selection, Site, find_unit_sites, select_sites
+from .splice import set_submodule, splice_unit
+from .trace import TraceResult, infer_example_inputs, trace_units
+
+__all__ = ["CBAM_OPTIONS", "PatchReport", "apply_recipe", "describe_inputs", "find_sites", "insert_cbam", "make_inputs"]
+
+CBAM_OPTIONS = tuple(
+    p for p in inspect.signature(CBAM.__init__).parameters if p not in ("self", "channels", "dims")
+)
+RECIPE_FORMAT = "cbam-insert/recipe"
+
+
+@dataclass
+class PatchReport:
+    """What ``insert_cbam`` did: every site found (used or skipped, with the reason), the CBAM
+    modules added (qualified names), the traced parts, and the parts that could not be traced."""
+
+    after: str
+    sites: list[Site]
+    modules: list[str]
+    traced: list[str]
+    untraced: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def used(self) -> list[Site]:
+        return [s for s in self.sites if s.used]
+
+
+def _selection(
+    include: str | Sequence[str] | None,
+    exclude: str | Sequence[str] | None,
+    stages: tuple[int, int] | Sequence[int] | int | None,
+    every: int,
+    max_sites: int | None,
+    min_channels: int,
+) -> Selection:
+    def patterns(p: str | Sequence[str] | None) -> tuple[str, ...]:
+        if p is None:
+            return ()
+        return (p,) if isinstance(p, str) else tuple(p)
+
+    if isinstance(stages, int) and not isinstance(stages, bool):
+        stages = (stages, stages)
+    if stages is not None:
+        stages = tuple(stages)  # type: ignore[assignment]
+        if len(stages) != 2 or not all(isinstance(s, int) and s >= 1 for s in stages) or stages[0] > stages[1]:  # type: ignore[arg-type]
+            raise CBAMInsertError(f"stages must be a range (first, last) of stage numbers >= 1, got {stages!r}")
+    if not isinstance(every, int) or every < 1:
+        raise CBAMInsertError(f"every must be an integer >= 1, got {every!r}")
+    if max_sites is not None and (not isinstance(max_sites, int) or max_sites < 1):
+        raise CBAMInsertError(f"max_sites must be an integer >= 1, got {max_sites!r}")
+    if not isinstance(min_channels, int) or min_channels < 1:
+        raise CBAMInsertError(f"min_channels must be an integer >= 1, got {min_channels!r}")
+    return Selection(patterns(include), patterns(exclude), stages, every, max_sites, min_channels)  # type: ignore[arg-type]
+
+
+def _check_after(after: str) -> None:
+    if not isinstance(after, str) or not after.strip():
+        raise CBAMInsertError(
+            f"after must be one of {', '.join(PLACEMENTS)} or a module name / glob / regex / class name, got {after!r}"
+        )
+
+
+def _inputs(model: nn.Module, example_inputs: Any) -> tuple[Any, ...]:
+    if example_inputs is None:
+        return infer_example_inputs(model)
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if not isinstance(example_inputs, tuple):
+        raise CBAMInsertError(
+            "example_inputs must be a tuple of positional arguments for forward, e.g. (x,) or ([img],)"
+        )
+    return example_inputs
+
+
+def _plan(model: nn.Module, after: str, example_inputs: tuple[Any, ...], sel: Selection) -> tuple[TraceResult, list[Site]]:
+    traced = trace_units(model, example_inputs)
+    sites: list[Site] = []
+    for unit in traced.units:
+        sites.extend(find_unit_sites(unit, after))
+    if after not in PLACEMENTS and not sites:
+        raise CBAMInsertError(f"pattern {after!r} matches no module of {type(model).__name__} (try --dry-run with --after conv to list names)")
+    for p in sel.include + sel.exclude:
+        if not any(_match(p, s.name) for s in sites):
+            raise CBAMInsertError(f"pattern {p!r} matches no site (site names look like {sites[0].name!r})" if sites else f"pattern {p!r} matches no site")
+    return traced, select_sites(sites, sel)
+
+
+def _match(pattern: str, name: str) -> bool:
+    from .sites import _matcher
+
+    return _matcher(pattern)(name)
+
+
+def find_sites(
+    model: nn.Module,
+    after: str = "block",
+    example_inputs: Any = None,
+    *,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    stages: tuple[int, int] | int | None = None,
+    every: int = 1,
+    max_sites: int | None = None,
+    min_channels: int = 1,
+) -> list[Site]:
+    """Every site of ``model`` for the placement ``after``, used or skipped, with the reason.
+
+    Read-only: the model is traced and run once on ``example_inputs`` (inferred when omitted)
+    in eval mode without gradients; nothing in it changes.
+    """
+    _check_after(after)
+    sel = _selection(include, exclude, stages, every, max_sites, min_channels)
+    inputs = _inputs(model, example_inputs)
+    _, sites = _plan(model, after, inputs, sel)
+    return sites
+
+
+def _no_site_error(model: nn.Module, after: str, sites: list[Site], inputs: tuple[Any, ...]) -> CBAMInsertError:
+    others = []
+    for p in PLACEMENTS:
+        if p == after:
+            continue
+        try:
+            if any(s.used for u in trace_units(model, inputs).units for s in find_unit_sites(u, p)):
+                others.append(p)
+        except CBAMInsertError:
+            continue
+    reasons = sorted({s.reason for s in sites})
+    why = f"; skipped: {'; '.join(reasons[:3])}" if reasons else ""
+    alt = f"; placements that find sites here: {', '.join(others)}" if others else "; no placement finds a site in this model"
+    return CBAMInsertError(f"no site for after={after!r} in {type(model).__name__}{why}{alt}")
+
+
+def insert_cbam(
+    model: nn.Module,
+    after: str = "block",
+    example_inputs: Any = None,
+    *,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    stages: tuple[int, int] | int | None = None,
+    every: int = 1,
+    max_sites: int | None = None,
+    min_channels: int = 1,
+    inplace: bool = False,
+    allow_repatch: bool = False,
+    seed: int | None = None,
+    **cbam_options: Any,
+) -> nn.Module:
+    """Return ``model`` with a CBAM module spliced in at every selected site.
+
+    ``after`` is a placement (``"conv"``, ``"block"``, ``"stage"``) or a module name, glob,
+    regex (``re:`` prefix) or class name. ``cbam_options`` go to ``CBAM`` (``reduction``,
+    ``kernel_size``, ``variant``, ``init``, …). The input model is not modified unless
+    ``inplace=True``; then untraceable models have their traceable submodules replaced in
+    place, and a fully traced model's modules are shared with the result.
+
+    The result carries ``cbam_report`` (a ``PatchReport``) and ``cbam_recipe`` (a dict that
+    ``apply_recipe`` replays on a fresh copy of the architecture). Raises ``CBAMInsertError``
+    for anything the caller can fix.
+    """
+    _check_after(after)
+    unknown = sorted(set(cbam_options) - set(CBAM_OPTIONS))
+    if unknown:
+        raise CBAMInsertError(f"unknown CBAM option(s) {', '.join(unknown)}; valid: {', '.join(CBAM_OPTIONS)}")
+    try:
+        CBAM(16, **cbam_options)
+    except (ValueError, TypeError) as exc:
+        raise CBAMInsertError(str(exc)) from exc
+    sel = _selection(include, exclude, stages, every, max_sites, min_channels)
+    inputs = _inputs(model, example_inputs)
+    previous = copy.deepcopy(getattr(model, "cbam_recipe", None))
+    work = model if inplace else copy.deepcopy(model)
+    traced, sites = _plan(work, after, inputs, sel)
+    if allow_repatch:
+        sites = [_allow(s) for s in sites]
+    used = [s for s in sites if s.used]
+    if not used:
+        raise _no_site_error(work, after, sites, inputs)
+    rng = torch.random.fork_rng(devices=[]) if seed is not None else _nullcontext()
+    with rng:
+        if seed is not None:
+            torch.manual_seed(seed)
+
+        def make(site: Site) -> CBAM:
+            cbam = CBAM(site.channels, dims=len(site.shape) - 2, **cbam_options)
+            return cbam.to(dtype=getattr(torch, site.dtype) if site.dtype else None)
+
+        result = _splice_all(work, traced, sites, make)
+    modules = [s.module_name for s in used]
+    report = PatchReport(after, sites, _actual_names(result, modules), [u.path or "<model>" for u in traced.units], traced.skipped)
+    step = {
+        "after": after,
+        "selection": {"include": list(sel.include), "exclude": list(sel.exclude), "stages": list(sel.stages) if sel.stages else None,
+                      "every": sel.every, "max_sites": sel.max_sites, "min_channels": sel.min_channels},
+        "cbam": dict(cbam_options),
+        "allow_repatch": allow_repatch,
+        "seed": seed,
+        "example_inputs": describe_inputs(inputs),
+        "modules": report.modules,
+    }  # fmt: skip
+    recipe = previous if isinstance(previous, dict) and previous.get("format") == RECIPE_FORMAT else {
+        "format": RECIPE_FORMAT, "version": 1, "cbam_insert": __version__, "steps": []}  # fmt: skip
+    recipe["steps"].append(step)
+    result.cbam_report = report
+    result.cbam_recipe = recipe
+    _match_devices(result)
+    return result
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _allow(site: Site) -> Site:
+    from dataclasses import replace
+
+    if not site.used and site.reason.startswith("already has CBAM"):
+        return replace(site, used=True, reason="another CBAM (allow_repatch)")
+    return site
+
+
+def _splice_all(work: nn.Module, traced: TraceResult, sites: list[Site], make: Any) -> nn.Module:
+    result = work
+    for unit in traced.units:
+        if not any(s.used and s.unit == unit.path for s in sites):
+            continue
+        new = splice_unit(unit, sites, make)
+        if unit.path == "":
+            result = new
+        else:
+            set_submodule(work, unit.path, new)
+    return result
+
+
+def _actual_names(model: nn.Module, planned: list[str]) -> list[str]:
+    names = [n for n, m in model.named_modules() if isinstance(m, CBAM)]
+    return [n for n in names if n in planned] + [n for n in names if n not in planned and _is_new(n, planned)]
+
+
+def _is_new(name: str, planned: list[str]) -> bool:
+    return any(name.startswith(p + "_") and name[len(p) + 1 :].isdigit() for p in planned)
+
+
+def _match_devices(model: nn.Module) -> None:
+    """Each CBAM module takes the device of the parameters around it."""
+    for name, mod in model.named_modules():
+        if not isinstance(mod, CBAM):
+            continue
+        parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+        ref = next((p for n, p in parent.named_parameters() if "cbam" not in n), None)
+        if ref is not None:
+            mod.to(device=ref.device)
+
+
+def describe_inputs(inputs: Any) -> Any:
+    """A JSON description of example inputs: shapes and dtypes, nested like the inputs."""
+    if isinstance(inputs, torch.Tensor):
+        return {"shape": list(inputs.shape), "dtype": str(inputs.dtype).replace("torch.", "")}
+    if isinstance(inputs, (list, tuple)):
+        return {"list" if isinstance(inputs, list) else "tuple": [describe_inputs(x) for x in inputs]}
+    raise CBAMInsertError(f"example inputs must be tensors, lists and tuples of tensors, got {type(inputs).__name__}")
+
+
+def make_inputs(spec: Any, device: str | torch.device | None = None) -> Any:
+    """Random tensors (seeded, uniform in [0, 1)) matching a ``describe_inputs`` description."""
+    gen = torch.Generator().manual_seed(0)
+
+    def build(s: Any) -> Any:
+        if "shape" in s:
+            return torch.rand(*s["shape"], generator=gen).to(dtype=getattr(torch, s["dtype"]), device=device)
+        if "list" in s:
+            return [build(x) for x in s["list"]]
+        return tuple(build(x) for x in s["tuple"])
+
+    return build(spec)
+
+
+def apply_recipe(model: nn.Module, recipe: dict[str, Any], inplace: bool = False) -> nn.Module:
+    """Replay a recipe on a freshly built copy of the architecture it was made on.
+
+    Same recipe and same architecture give the same module names, so a state dict saved from
+    the patched model loads into the result. A recipe that does not fit raises an error that
+    names the first module that differs.
+    """
+    if not isinstance(recipe, dict) or recipe.get("format") != RECIPE_FORMAT:
+        raise CBAMInsertError("not a cbam-insert recipe (expected a JSON object with format 'cbam-insert/recipe')")
+    out = model
+    for i, step in enumerate(recipe.get("steps", [])):
+        sel = step.get("selection", {})
+        out = insert_cbam(
+            out,
+            step["after"],
+            make_inputs(step["example_inputs"]),
+            include=sel.get("include") or None,
+            exclude=sel.get("exclude") or None,
+            stages=tuple(sel["stages"]) if sel.get("stages") else None,
+            every=sel.get("every", 1),
+            max_sites=sel.get("max_sites"),
+            min_channels=sel.get("min_channels", 1),
+            inplace=inplace or i > 0,
+            allow_repatch=step.get("allow_repatch", False),
+            seed=step.get("seed"),
+            **step.get("cbam", {}),
+        )
+        got = out.cbam_report.modules
+        if got != step["modules"]:
+            missing = sorted(set(step["modules"]) - set(got)) or sorted(set(got) - set(step["modules"]))
+            raise CBAMInsertError(
+                f"the recipe does not fit this architecture: module {missing[0] if missing else '?'} differs "
+                f"({len(got)} CBAM modules here, {len(step['modules'])} in the recipe); build the same architecture"
+            )
+    out.cbam_recipe = recipe
+    return out

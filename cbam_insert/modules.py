@@ -1,0 +1,305 @@
+"""CBAM and its two parts: the only place in the package that knows the maths.
+
+Channel attention (a C-vector per sample)::
+
+    Mc(F) = sigmoid( sum_p MLP(Pool_p(F)) )      p in pool_types, default (avg, max)
+
+with ``MLP = C -> hidden -> C`` and a ReLU between, the same weights for every pooled
+descriptor. Spatial attention (one map per sample)::
+
+    Ms(F) = sigmoid( conv_kxk([mean_c(F) ; max_c(F)]) )
+
+and CBAM composes them, channel first by default::
+
+    F' = Mc(F) * F,    F'' = Ms(F') * F'
+
+Example::
+
+    >>> import torch
+    >>> from cbam_insert import CBAM
+    >>> cbam = CBAM(64)                         # the seed's module: r=16, k=7, no biases
+    >>> cbam(torch.randn(2, 64, 28, 28)).shape
+    torch.Size([2, 64, 28, 28])
+    >>> sum(p.numel() for p in cbam.parameters()) == 2 * 64 * 4 + 2 * 7 * 7
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["CBAM", "ORDERS", "POOL_TYPES", "VARIANTS", "ChannelAttention", "SpatialAttention"]
+
+POOL_TYPES = ("avg", "max", "lp", "lse")
+ORDERS = ("channel_first", "spatial_first", "parallel")
+VARIANTS = ("seed", "official")
+INITS = ("default", "identity")
+_CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_NORMS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+
+
+def _check_positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _check_dims(dims: object) -> int:
+    if dims not in (1, 2, 3) or isinstance(dims, bool):
+        raise ValueError(f"dims must be 1, 2 or 3 (for (N,C,L), (N,C,H,W), (N,C,T,H,W)), got {dims!r}")
+    return int(dims)  # type: ignore[arg-type]
+
+
+def _check_input(x: torch.Tensor, channels: int, dims: int, what: str) -> None:
+    if x.dim() != dims + 2 or x.shape[1] != channels:
+        expected = "(N, " + str(channels) + ", " + ", ".join(["*"] * dims) + ")"
+        raise ValueError(
+            what + " expects input of shape " + expected + ", got " + str(list(x.shape))
+        )
+
+
+class ChannelAttention(nn.Module):
+    """Channel gate ``Mc(F) = sigmoid(sum_p MLP(Pool_p(F)))``, returned as an (N, C) tensor.
+
+    The pooled descriptors of all ``pool_types`` are stacked and go through the shared MLP in
+    one call. ``lp`` is the L2 norm over spatial positions and ``lse`` the log-sum-exp, as in
+    the authors' released code. The hidden width is ``hidden`` when given, else
+    ``max(1, channels // reduction)``, so it is never 0.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        reduction: int = 16,
+        hidden: int | None = None,
+        pool_types: Sequence[str] = ("avg", "max"),
+        bias: bool = False,
+    ) -> None:
+        super().__init__()
+        self.channels = _check_positive_int("channels", channels)
+        _check_positive_int("reduction", reduction)
+        if hidden is not None:
+            _check_positive_int("hidden", hidden)
+        if isinstance(pool_types, str):
+            pool_types = (pool_types,)
+        pool_types = tuple(pool_types)
+        if not pool_types:
+            raise ValueError(f"pool_types must name at least one of {POOL_TYPES}")
+        for p in pool_types:
+            if p not in POOL_TYPES:
+                raise ValueError(f"pool_types: unknown pooling type {p!r}; choose from {POOL_TYPES}")
+        self.pool_types: list[str] = list(pool_types)
+        self.hidden = hidden if hidden is not None else max(1, channels // reduction)
+        self.fc1 = nn.Linear(channels, self.hidden, bias=bias)
+        self.fc2 = nn.Linear(self.hidden, channels, bias=bias)
+
+    def _pool(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.flatten(2)
+        pooled: list[torch.Tensor] = []
+        for p in self.pool_types:
+            if p == "avg":
+                pooled.append(flat.mean(dim=2))
+            elif p == "max":
+                pooled.append(flat.amax(dim=2))
+            elif p == "lp":
+                pooled.append(torch.linalg.vector_norm(flat, ord=2, dim=2))
+            else:
+                pooled.append(torch.logsumexp(flat, dim=2))
+        return torch.stack(pooled, dim=0)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The pre-sigmoid channel scores, (N, C)."""
+        hidden = F.relu(self.fc1(self._pool(x)))
+        return self.fc2(hidden).sum(dim=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.logits(x))
+
+
+class SpatialAttention(nn.Module):
+    """Spatial gate ``Ms(F) = sigmoid(conv([mean_c F ; max_c F]))``, returned as (N, 1, *spatial).
+
+    A 2-in, 1-out convolution with an odd ``kernel_size`` and padding ``kernel_size // 2`` keeps
+    the map's size. ``order="mean_max"`` is the seed's input order; the authors' code stacks
+    ``[max ; mean]`` and puts a BatchNorm after the convolution (``norm=True``).
+    """
+
+    def __init__(
+        self,
+        kernel_size: int = 7,
+        dims: int = 2,
+        bias: bool = False,
+        norm: bool = False,
+        order: str = "mean_max",
+    ) -> None:
+        super().__init__()
+        if (
+            isinstance(kernel_size, bool)
+            or not isinstance(kernel_size, int)
+            or kernel_size < 1
+            or kernel_size % 2 == 0
+        ):
+            raise ValueError(f"kernel_size must be an odd integer >= 1, got {kernel_size!r}")
+        if order not in ("mean_max", "max_mean"):
+            raise ValueError(f"order must be 'mean_max' or 'max_mean', got {order!r}")
+        self.dims = _check_dims(dims)
+        self.kernel_size = kernel_size
+        self.max_first = order == "max_mean"
+        self.conv = _CONVS[self.dims](2, 1, kernel_size, padding=kernel_size // 2, bias=bias)
+        self.norm = _NORMS[self.dims](1, eps=1e-5, momentum=0.01) if norm else None
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The pre-sigmoid spatial map, (N, 1, *spatial)."""
+        mean = x.mean(dim=1, keepdim=True)
+        mx = x.amax(dim=1, keepdim=True)
+        pooled = torch.cat([mx, mean] if self.max_first else [mean, mx], dim=1)
+        out = self.conv(pooled)
+        if self.norm is not None:
+            out = self.norm(out)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.logits(x))
+
+
+class CBAM(nn.Module):
+    """Convolutional Block Attention Module (Woo et al., ECCV 2018) for 1-D, 2-D and 3-D maps.
+
+    ``CBAM(channels)`` is the seed's module: reduction 16, spatial kernel 7, bias-free MLP and
+    spatial conv, spatial input ``[mean ; max]``, channel then spatial. It has
+    ``2*C*max(1, C//16) + 2*k*k`` parameters.
+
+    Options (keyword arguments, validated at construction):
+
+    * ``reduction`` or ``hidden``: MLP width ``max(1, C // reduction)`` or exactly ``hidden``.
+    * ``kernel_size``: odd spatial kernel (7 default, 3 common).
+    * ``pool_types``: channel-branch descriptors from ``("avg", "max", "lp", "lse")``.
+    * ``channel`` / ``spatial``: switch a branch off (channel-only or spatial-only CBAM).
+    * ``order``: ``"channel_first"`` (paper), ``"spatial_first"``, or ``"parallel"``
+      (both gates computed from F: ``F'' = Mc(F) * Ms(F) * F``).
+    * ``variant``: ``"seed"`` or ``"official"`` (the authors' released code: MLP with biases,
+      ``[max ; mean]`` spatial input, BatchNorm after the spatial conv). ``mlp_bias`` and
+      ``spatial_norm`` override the variant's choice.
+    * ``dims``: 1, 2 or 3 for (N,C,L), (N,C,H,W), (N,C,T,H,W) feature maps.
+    * ``init``: ``"default"`` (PyTorch's initialisation) or ``"identity"``.
+
+    Identity init: the module gets a learnable scalar gate ``gamma`` initialised to 0 and
+    returns ``F + gamma * (CBAM(F) - F)``. At ``gamma = 0`` the output is exactly F in train
+    and in eval mode, whatever the other weights are (so batch-norm statistics do not matter),
+    and the gradient of ``gamma`` is ``<dL/dF'', CBAM(F) - F>``, which is not zero: the first
+    optimizer step moves ``gamma`` and from then on every other parameter receives gradient.
+    This is the zero-initialised residual gate used to add blocks to pretrained networks
+    (ReZero, LayerScale); the attention maths inside is unchanged. The gate adds one parameter.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        reduction: int = 16,
+        *,
+        hidden: int | None = None,
+        kernel_size: int = 7,
+        pool_types: Sequence[str] = ("avg", "max"),
+        channel: bool = True,
+        spatial: bool = True,
+        order: str = "channel_first",
+        variant: str = "seed",
+        mlp_bias: bool | None = None,
+        spatial_norm: bool | None = None,
+        dims: int = 2,
+        init: str = "default",
+    ) -> None:
+        super().__init__()
+        self.channels = _check_positive_int("channels", channels)
+        self.dims = _check_dims(dims)
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        if order not in ORDERS:
+            raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        if not (channel or spatial):
+            raise ValueError("channel and spatial cannot both be False: CBAM would do nothing")
+        official = variant == "official"
+        self.variant = variant
+        self.order = order
+        self.init_mode = init
+        self.channel_gate = (
+            ChannelAttention(
+                channels,
+                reduction,
+                hidden=hidden,
+                pool_types=pool_types,
+                bias=official if mlp_bias is None else mlp_bias,
+            )
+            if channel
+            else None
+        )
+        self.spatial_gate = (
+            SpatialAttention(
+                kernel_size,
+                dims=self.dims,
+                norm=official if spatial_norm is None else spatial_norm,
+                order="max_mean" if official else "mean_max",
+            )
+            if spatial
+            else None
+        )
+        # the fast path below is valid for the paper's avg+max pooling only
+        self._fast = (
+            self.channel_gate is not None
+            and self.spatial_gate is not None
+            and order == "channel_first"
+            and sorted(self.channel_gate.pool_types) == ["avg", "max"]
+        )
+        self.gamma = nn.Parameter(torch.zeros(1)) if init == "identity" else None
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, dims={self.dims}, variant={self.variant!r}, order={self.order!r}"
+
+    def _attend(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        shape: list[int] = [n, self.channels] + [1] * self.dims
+        cg = self.channel_gate
+        sg = self.spatial_gate
+        if self._fast and cg is not None and sg is not None:
+            # one MLP call for both descriptors, and F' is scaled in place when no graph
+            # needs it, so the whole module makes two full-size tensors instead of five
+            mc = torch.sigmoid(cg.logits(x)).view(shape)
+            refined = x * mc
+            ms = torch.sigmoid(sg.logits(refined))
+            if torch.is_grad_enabled() and (refined.requires_grad or ms.requires_grad):
+                return refined * ms
+            return refined.mul_(ms)
+        if self.order == "parallel":
+            out = x
+            if cg is not None:
+                out = out * cg(x).view(shape)
+            if sg is not None:
+                out = out * sg(x)
+            return out
+        out = x
+        if self.order == "spatial_first" and sg is not None:
+            out = out * sg(out)
+        if cg is not None:
+            out = out * cg(out).view(shape)
+        if self.order == "channel_first" and sg is not None:
+            out = out * sg(out)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_input(x, self.channels, self.dims, "CBAM")
+        out = self._attend(x)
+        gamma = self.gamma
+        if gamma is not None:
+            return x + gamma.to(x.dtype) * (out - x)
+        return out
+
+
+def cbam_parameter_count(channels: int, reduction: int = 16, kernel_size: int = 7) -> int:
+    """Parameters of the seed's ``CBAM(channels, reduction, kernel_size=k)``."""
+    return 2 * channels * max(1, channels // reduction) + 2 * kernel_size**2

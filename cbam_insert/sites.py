@@ -1,0 +1,725 @@
+"""Placements and selection: graph analysis that finds where CBAM can go. Never mutates a graph.
+
+A *site* is one node whose output is a channels-first feature map (N, C, *spatial). Which nodes
+are candidates depends on the placement:
+
+* ``conv``  — the end of each conv unit: a convolution plus the norm and the activation that
+  directly follow it (conv -> bn -> relu gives the relu; conv -> bn gives the bn).
+* ``block`` — each residual merge ``a + b`` of two same-shaped feature maps; CBAM goes on the
+  residual branch, before the merge. The shortcut is the operand that is an ancestor of the
+  other (identity) or, when both are computed, the shorter path from their nearest common
+  ancestor. A merge whose long path drops below the merge's spatial size (FPN, U-Net, HRNet
+  fusions) is a top-down merge, not a residual block; global descriptors (1x1 maps of squeeze
+  and excitation gates) do not count as a lower level.
+* ``stage`` — the output of each backbone stage: the last articulation node (every path from
+  input to output passes through it) at one spatial size, when the stretch before it holds at
+  least two conv units or one residual block.
+* a module name, glob or regex (``"layer4.*.bn3"``, ``"re:layer[34]\\..*"``) or a class name
+  (``"Bottleneck"``): the output of every matching module.
+
+The channel axis is tracked per node (``node.meta["cbam_axis"]``): set to 1 by convs, channel
+norms and pools, to the last axis by linear layers and last-axis norms, moved by permutes and
+transposes, lost by reshapes and views. Only tensors whose channel axis is 1 are sites.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import heapq
+import operator
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .modules import CBAM
+from .trace import TensorInfo, Unit, is_add, node_key
+
+__all__ = ["PLACEMENTS", "Site", "cbam_module_name", "find_unit_sites", "select_sites"]
+
+PLACEMENTS = ("conv", "block", "stage")
+
+
+@dataclass(frozen=True)
+class Site:
+    """One place where a CBAM module can refine a feature map.
+
+    ``name`` is the site's stable name (module path, or ``scope.op`` for a functional merge),
+    ``kind`` one of ``conv``, ``block``, ``stage``, ``module``. ``used`` says whether the
+    selection keeps it; ``reason`` says why not (or what it is when used). ``module_name`` is
+    the qualified name the inserted CBAM gets.
+    """
+
+    name: str
+    kind: str
+    channels: int
+    shape: tuple[int, ...]
+    used: bool
+    reason: str
+    unit: str = ""
+    key: str = ""
+    operand: str | None = None
+    stage: int | None = None
+    module_name: str = ""
+    dtype: str = ""
+
+    @property
+    def spatial(self) -> tuple[int, ...]:
+        return tuple(self.shape[2:])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "channels": self.channels,
+            "shape": list(self.shape),
+            "used": self.used,
+            "reason": self.reason,
+            "stage": self.stage,
+            "module": self.module_name if self.used else None,
+        }
+
+
+# ----------------------------------------------------------------------------- channel axis
+
+_AXIS1_MODULES: tuple[type, ...] = (
+    nn.modules.conv._ConvNd,
+    nn.modules.batchnorm._BatchNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.GroupNorm,
+    nn.LocalResponseNorm,
+    nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd,
+    nn.modules.pooling._AdaptiveMaxPoolNd,
+    nn.modules.pooling._LPPoolNd,
+    nn.Upsample,
+    nn.PixelShuffle,
+    nn.PixelUnshuffle,
+    nn.ChannelShuffle,
+    CBAM,
+)
+_LAST_AXIS_MODULES: tuple[type, ...] = (nn.Linear, nn.LayerNorm, nn.Embedding, nn.Bilinear, nn.RMSNorm)
+_NORM_MODULES: tuple[type, ...] = (
+    nn.modules.batchnorm._BatchNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.GroupNorm,
+)
+_ACT_MODULES: tuple[type, ...] = (
+    nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.GELU, nn.LeakyReLU, nn.ELU, nn.PReLU,
+    nn.Mish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.SELU, nn.CELU, nn.Softplus,
+)  # fmt: skip
+_AXIS1_FUNCS = {
+    F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
+    torch.conv1d, torch.conv2d, torch.conv3d, F.batch_norm, F.instance_norm, F.group_norm,
+    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
+    F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
+    F.interpolate, F.pixel_shuffle, F.pixel_unshuffle, torch.max_pool2d, torch.avg_pool1d,
+}  # fmt: skip
+_CONV_FUNCS = {F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d}
+_LAST_AXIS_FUNCS = {F.linear, F.layer_norm, F.embedding}
+_NORM_FUNCS = {F.batch_norm, F.instance_norm, F.group_norm}
+_ACT_FUNCS = {
+    F.relu, torch.relu, F.relu_, torch.relu_, F.relu6, F.silu, F.gelu, F.hardswish,
+    F.leaky_relu, F.elu, F.mish, F.hardsigmoid, torch.sigmoid, F.sigmoid, torch.tanh,
+}  # fmt: skip
+_ACT_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_"}
+_SHAPE_LOST_METHODS = {"view", "reshape", "flatten", "unflatten", "view_as", "reshape_as", "expand"}
+_SHAPE_LOST_FUNCS = {torch.reshape, torch.flatten, torch.unflatten, torch.stack}
+
+
+def _frozen_bn_types() -> tuple[type, ...]:
+    try:
+        from torchvision.ops.misc import FrozenBatchNorm2d
+
+        return (FrozenBatchNorm2d,)
+    except ImportError:  # pragma: no cover
+        return ()
+
+
+def _tensor_info(node: Any) -> TensorInfo | None:
+    if isinstance(node, fx.Node):
+        info = node.meta.get("cbam_info")
+        if isinstance(info, TensorInfo):
+            return info
+    return None
+
+
+class _Analysis:
+    """Per-graph facts every placement needs: order, channel axes, constness, modules, keys."""
+
+    def __init__(self, unit: Unit) -> None:
+        self.unit = unit
+        self.graph = unit.graphs["eval"]
+        self.modules = dict(unit.gm.named_modules())
+        self.nodes: list[fx.Node] = list(self.graph.nodes)
+        self.index = {n: i for i, n in enumerate(self.nodes)}
+        self.keys = node_key(self.graph)
+        self.by_key = {k: n for n, k in self.keys.items()}
+        self.const: set[fx.Node] = set()
+        self.axis: dict[fx.Node, int | None] = {}
+        self.why: dict[fx.Node, str] = {}
+        for n in self.nodes:
+            self._visit(n)
+
+    # --- channel axis
+    def module_of(self, node: fx.Node) -> nn.Module | None:
+        if node.op == "call_module":
+            return self.modules.get(str(node.target))
+        return None
+
+    def _inputs(self, node: fx.Node) -> list[fx.Node]:
+        return [a for a in node.all_input_nodes if a not in self.const]
+
+    def _visit(self, n: fx.Node) -> None:
+        if n.op == "get_attr" or (n.op != "placeholder" and n.all_input_nodes and all(a in self.const for a in n.all_input_nodes)):
+            self.const.add(n)
+            return
+        info = _tensor_info(n)
+        rank = len(info.shape) if info is not None else None
+        axis, why = self._axis(n, rank)
+        if axis is not None and rank is not None and axis < 0:
+            axis += rank
+        self.axis[n] = axis
+        if axis is None:
+            self.why[n] = why
+        n.meta["cbam_axis"] = axis
+
+    def _axis(self, n: fx.Node, rank: int | None) -> tuple[int | None, str]:
+        if n.op == "placeholder":
+            return (1 if rank is not None and rank >= 3 else None), "a model input of unknown layout"
+        if n.op == "output":
+            return None, "output"
+        mod = self.module_of(n)
+        inputs = self._inputs(n)
+        first = inputs[0] if inputs else None
+        src_axis = self.axis.get(first) if first is not None else None
+        if mod is not None:
+            if isinstance(mod, _AXIS1_MODULES + _frozen_bn_types()):
+                return 1, ""
+            if isinstance(mod, _LAST_AXIS_MODULES):
+                return -1, "a last-axis layer (linear / layer norm) defines the feature axis"
+            if isinstance(mod, nn.Flatten):
+                return self._flatten(src_axis, mod.start_dim, rank)
+            return self._same_shape(n, inputs)
+        target = n.target
+        if n.op == "call_function":
+            if target in _AXIS1_FUNCS:
+                return 1, ""
+            if target in _LAST_AXIS_FUNCS:
+                return -1, "a last-axis layer (linear / layer norm) defines the feature axis"
+            if target in (torch.permute,):
+                return self._permute(src_axis, _dims_arg(n.args[1:], n.kwargs.get("dims")))
+            if target in (torch.transpose, torch.swapaxes):
+                return self._transpose(src_axis, n.args[1:3], _rank(first))
+            if target is torch.movedim:
+                return None, "channel axis lost through movedim"
+            if target is torch.flatten:
+                return self._flatten(src_axis, _int_arg(n, 1, "start_dim", 0), rank)
+            if target is torch.cat or target is torch.concat:
+                return self._agree(n, inputs, "concatenation")
+            if target in _SHAPE_LOST_FUNCS:
+                return self._round_trip(n, getattr(target, "__name__", str(target)))
+            if target is operator.getitem:
+                return self._getitem(n, first, src_axis, rank)
+            return self._same_shape(n, inputs)
+        if n.op == "call_method":
+            if target == "permute":
+                return self._permute(src_axis, _dims_arg(n.args[1:], n.kwargs.get("dims")))
+            if target in ("transpose", "swapaxes"):
+                return self._transpose(src_axis, n.args[1:3], _rank(first))
+            if target == "flatten":
+                return self._flatten(src_axis, _int_arg(n, 1, "start_dim", 0), rank)
+            if target in _SHAPE_LOST_METHODS:
+                return self._round_trip(n, str(target))
+            if target == "contiguous" or target == "to" or target == "type_as" or target == "float":
+                return src_axis, self.why.get(first, "") if first is not None else ""
+            return self._same_shape(n, inputs)
+        return None, f"{n.op} {target}"
+
+    def _round_trip(self, n: fx.Node, what: str) -> tuple[int | None, str]:
+        """A reshape loses the channel axis, unless a chain of pure reshapes and permutes ends
+        where it started: same shape as the last tensor of known layout (a channel shuffle)."""
+        out = _tensor_info(n)
+        cur = n
+        while out is not None:
+            inputs = [i for i in self._inputs(cur) if _tensor_info(i) is not None]
+            if len(inputs) != 1:
+                break
+            cur = inputs[0]
+            info = _tensor_info(cur)
+            if self.axis.get(cur) is not None:
+                if info is not None and info.shape == out.shape:
+                    return self.axis[cur], ""
+                break
+            if not _is_layout_op(cur):
+                break
+        return None, f"channel axis lost through {what}"
+
+    def _flatten(self, src: int | None, start: int, rank: int | None) -> tuple[int | None, str]:
+        if src is not None and start > src:
+            return src, ""
+        return None, "channel axis lost through flatten"
+
+    def _permute(self, src: int | None, dims: list[int] | None) -> tuple[int | None, str]:
+        if src is None or dims is None:
+            return None, "channel axis lost through permute"
+        dims = [d % len(dims) for d in dims]
+        return dims.index(src), "permuted"
+
+    def _transpose(self, src: int | None, pair: Sequence[Any], rank: int | None) -> tuple[int | None, str]:
+        if src is None or len(pair) < 2 or rank is None or not all(isinstance(p, int) for p in pair):
+            return None, "channel axis lost through transpose"
+        a, b = (p % rank for p in pair)
+        return (b if src == a else a if src == b else src), "transposed"
+
+    def _getitem(self, n: fx.Node, first: fx.Node | None, src: int | None, rank: int | None) -> tuple[int | None, str]:
+        if first is None:
+            return None, "indexing"
+        info_in = first.meta.get("cbam_info")
+        if isinstance(info_in, tuple):  # an element of a tuple output (chunk, split, a module's tuple)
+            return src, self.why.get(first, "")
+        src_info = _tensor_info(first)
+        if src_info is not None and rank is not None and len(src_info.shape) == rank:
+            return src, self.why.get(first, "")
+        return None, "channel axis lost through indexing"
+
+    def _agree(self, n: fx.Node, inputs: list[fx.Node], what: str) -> tuple[int | None, str]:
+        axes = {self.axis.get(a) for a in inputs if _tensor_info(a) is not None}
+        if len(axes) == 1:
+            axis = axes.pop()
+            return axis, "" if axis is not None else f"{what} of tensors of unknown layout"
+        return None, f"{what} of tensors with different channel axes"
+
+    def _same_shape(self, n: fx.Node, inputs: list[fx.Node]) -> tuple[int | None, str]:
+        out = _tensor_info(n)
+        if out is None:
+            if inputs and isinstance(inputs[0].meta.get("cbam_info"), tuple) is False:
+                return self.axis.get(inputs[0]), ""
+            return (self.axis.get(inputs[0]) if inputs else None), ""
+        same = [a for a in inputs if (_tensor_info(a) is not None and _tensor_info(a).shape == out.shape)]  # type: ignore[union-attr]
+        if not same:
+            return None, f"channel axis lost through {_describe(n)}"
+        axes = {self.axis.get(a) for a in same}
+        if len(axes) == 1:
+            axis = axes.pop()
+            return axis, self.why.get(same[0], "") if axis is None else ""
+        known = {a for a in axes if a is not None}
+        if len(known) == 1 and len(axes) == 2:
+            return known.pop(), ""
+        return None, "operands disagree on the channel axis"
+
+    # --- helpers for placements
+    def feature_map(self, n: fx.Node) -> tuple[bool, str]:
+        """Whether ``n`` is a channels-first feature map, and if not, why."""
+        info = _tensor_info(n)
+        if info is None:
+            return False, "not a single tensor"
+        if len(info.shape) < 3:
+            return False, f"a {len(info.shape)}-D tensor {list(info.shape)}, not (N, C, *spatial)"
+        if not info.dtype.is_floating_point:
+            return False, f"a {info.dtype} tensor"
+        axis = self.axis.get(n)
+        if axis == 1 and all(d == 1 for d in info.shape[2:]):
+            return False, f"a global descriptor {list(info.shape)}: no spatial extent to attend over"
+        if len(info.shape) > 5:
+            return False, f"a {len(info.shape)}-D tensor: CBAM handles 1-D, 2-D and 3-D maps"
+        if axis == 1:
+            return True, ""
+        if axis is None:
+            return False, f"channel axis unknown ({self.why.get(n) or 'no layer defines it'})"
+        return False, f"channel axis is {axis}, not 1 (channels-last or token layout {list(info.shape)})"
+
+    def followed_by_cbam(self, n: fx.Node) -> bool:
+        users = list(n.users)
+        return len(users) == 1 and isinstance(self.module_of(users[0]), CBAM)
+
+    def is_cbam(self, n: fx.Node) -> bool:
+        return isinstance(self.module_of(n), CBAM)
+
+    def scope_last_nodes(self) -> dict[str, fx.Node]:
+        last: dict[str, fx.Node] = {}
+        for n in self.nodes:
+            for path, _ in (n.meta.get("nn_module_stack") or {}).values():
+                last[path] = n
+        return last
+
+
+_LAYOUT_METHODS = _SHAPE_LOST_METHODS | {"permute", "transpose", "contiguous"}
+_LAYOUT_FUNCS = _SHAPE_LOST_FUNCS | {torch.permute, torch.transpose}
+
+
+def _is_layout_op(n: fx.Node) -> bool:
+    if n.op == "call_method":
+        return n.target in _LAYOUT_METHODS
+    return n.op == "call_function" and n.target in _LAYOUT_FUNCS
+
+
+def _describe(n: fx.Node) -> str:
+    return getattr(n.target, "__name__", str(n.target))
+
+
+def _rank(n: fx.Node | None) -> int | None:
+    info = _tensor_info(n)
+    return len(info.shape) if info is not None else None
+
+
+def _dims_arg(args: Sequence[Any], kw: Any) -> list[int] | None:
+    dims = kw if kw is not None else (args[0] if len(args) == 1 and isinstance(args[0], (list, tuple)) else list(args))
+    if dims and all(isinstance(d, int) for d in dims):
+        return list(dims)
+    return None
+
+
+def _int_arg(n: fx.Node, pos: int, name: str, default: int) -> int:
+    value = n.args[pos] if len(n.args) > pos else n.kwargs.get(name, default)
+    return value if isinstance(value, int) else default
+
+
+# ----------------------------------------------------------------------------- placements
+
+
+def _is_conv(a: _Analysis, n: fx.Node) -> bool:
+    mod = a.module_of(n)
+    if mod is not None:
+        return isinstance(mod, nn.modules.conv._ConvNd)
+    return n.op == "call_function" and n.target in _CONV_FUNCS
+
+
+def _is_norm(a: _Analysis, n: fx.Node) -> bool:
+    mod = a.module_of(n)
+    if mod is not None:
+        return isinstance(mod, _NORM_MODULES + _frozen_bn_types())
+    return n.op == "call_function" and n.target in _NORM_FUNCS
+
+
+def _is_act(a: _Analysis, n: fx.Node) -> bool:
+    mod = a.module_of(n)
+    if mod is not None:
+        return isinstance(mod, _ACT_MODULES)
+    if n.op == "call_function":
+        return n.target in _ACT_FUNCS
+    return n.op == "call_method" and n.target in _ACT_METHODS
+
+
+def _sole_user(n: fx.Node) -> fx.Node | None:
+    users = list(n.users)
+    return users[0] if len(users) == 1 else None
+
+
+def conv_units(a: _Analysis) -> list[tuple[fx.Node, fx.Node]]:
+    """(conv, unit end) pairs: conv, then the norm and activation that directly follow it."""
+    units = []
+    for n in a.nodes:
+        if not _is_conv(a, n):
+            continue
+        end = n
+        nxt = _sole_user(end)
+        if nxt is not None and _is_norm(a, nxt) and nxt.args and nxt.args[0] is end:
+            end = nxt
+            nxt = _sole_user(end)
+        if nxt is not None and _is_act(a, nxt) and nxt.args and nxt.args[0] is end:
+            end = nxt
+        units.append((n, end))
+    return units
+
+
+def _site(a: _Analysis, kind: str, name_key: str, node: fx.Node, operand: fx.Node | None = None, reason: str = "") -> Site:
+    target = operand if operand is not None else node
+    info = _tensor_info(target)
+    ok, why = a.feature_map(target)
+    if ok and (a.followed_by_cbam(target) if operand is None else a.is_cbam(operand)):
+        ok, why = False, "already has CBAM (allow_repatch=True / --repatch adds another)"
+    shape = info.shape if info is not None else ()
+    return Site(
+        name=a.unit.full_name(name_key),
+        kind=kind,
+        channels=int(shape[1]) if ok else (int(shape[1]) if len(shape) > 1 else 0),
+        shape=tuple(int(s) for s in shape),
+        used=ok,
+        reason=reason if ok else why,
+        unit=a.unit.path,
+        key=a.keys[node],
+        operand=a.keys[operand] if operand is not None else None,
+        dtype=str(info.dtype).replace("torch.", "") if info is not None else "",
+    )
+
+
+def _conv_sites(a: _Analysis) -> list[Site]:
+    sites = []
+    for conv, end in conv_units(a):
+        chain = "+".join(_short(a, x) for x in _chain(conv, end))
+        sites.append(_site(a, "conv", a.keys[conv], end, reason=f"after {chain}"))
+    return sites
+
+
+def _chain(start: fx.Node, end: fx.Node) -> list[fx.Node]:
+    out = [start]
+    while out[-1] is not end:
+        out.append(next(iter(out[-1].users)))
+    return out
+
+
+def _short(a: _Analysis, n: fx.Node) -> str:
+    mod = a.module_of(n)
+    return type(mod).__name__ if mod is not None else _describe(n)
+
+
+def _ancestry(a: _Analysis, x: fx.Node, y: fx.Node) -> tuple[fx.Node | None, dict[fx.Node, int]]:
+    """Nearest common ancestor of x and y, walking back in reverse topological order.
+
+    Returns it and, for every node seen, which side reached it (bit 1: x, bit 2: y). The walk
+    stops at the first node both sides reach, so its cost is the size of the block.
+    """
+    seen: dict[fx.Node, int] = {x: 1}
+    seen[y] = seen.get(y, 0) | 2
+    heap = [(-a.index[x], 0, x)]
+    if y is not x:
+        heap.append((-a.index[y], 1, y))
+    heapq.heapify(heap)
+    queued = {x, y}
+    tie = 2
+    while heap:
+        _, _, n = heapq.heappop(heap)
+        if seen[n] == 3:
+            return n, seen
+        for p in n.all_input_nodes:
+            if p in a.const:
+                continue
+            seen[p] = seen.get(p, 0) | seen[n]
+            if p not in queued:
+                queued.add(p)
+                heapq.heappush(heap, (-a.index[p], tie, p))
+                tie += 1
+    return None, seen
+
+
+def _path_nodes(a: _Analysis, fork: fx.Node, end: fx.Node, side: int, seen: dict[fx.Node, int]) -> tuple[int, list[fx.Node]]:
+    """Longest path length (in nodes) from fork to end, and the nodes strictly between them."""
+    members = sorted((n for n, s in seen.items() if s & side and a.index[fork] <= a.index[n] <= a.index[end]), key=a.index.get)
+    length: dict[fx.Node, int] = {fork: 0}
+    for n in members:
+        if n is fork:
+            continue
+        preds = [length[p] for p in n.all_input_nodes if p in length]
+        if preds:
+            length[n] = max(preds) + 1
+    inner = [n for n in members if n in length and n is not fork and n is not end]
+    return length.get(end, 0), inner
+
+
+def _block_sites(a: _Analysis) -> list[Site]:
+    sites = []
+    for n in a.nodes:
+        if not is_add(n):
+            continue
+        ops = [x for x in n.args[:2] if isinstance(x, fx.Node)]
+        if len(ops) != 2 or any(x in a.const for x in ops):
+            continue
+        ia, ib = _tensor_info(ops[0]), _tensor_info(ops[1])
+        if ia is None or ib is None or ia.shape != ib.shape:
+            continue
+        key = a.keys[n]
+        ok, why = a.feature_map(n)
+        if not ok:
+            sites.append(_skip(a, "block", key, n, f"merge of {why}"))
+            continue
+        fork, seen = _ancestry(a, ops[0], ops[1])
+        if fork is None:
+            sites.append(_skip(a, "block", key, n, "the operands share no ancestor: not a residual block"))
+            continue
+        (la, pa), (lb, pb) = _path_nodes(a, fork, ops[0], 1, seen), _path_nodes(a, fork, ops[1], 2, seen)
+        if la == lb:
+            sites.append(_skip(a, "block", key, n, f"symmetric merge (both paths {la} ops long): no residual branch"))
+            continue
+        branch, path = (ops[0], pa) if la > lb else (ops[1], pb)
+        size = ia.shape[2:]
+        for m in path + [fork]:
+            info = _tensor_info(m)
+            if info is not None and len(info.shape) == len(ia.shape) and a.axis.get(m) == 1:
+                small = info.shape[2:]
+                # a global descriptor (SE/CBAM squeeze, all spatial dims 1) is a gate, not a level
+                if any(s < t for s, t in zip(small, size)) and any(s > 1 for s in small):
+                    break
+        else:
+            shortcut = "identity" if fork in ops else "projection"
+            sites.append(_site(a, "block", key, n, operand=branch, reason=f"residual branch ({shortcut} shortcut)"))
+            continue
+        sites.append(_skip(a, "block", key, n, "top-down merge (the long path drops below the merge's resolution): not a residual block"))
+    return sites
+
+
+def _skip(a: _Analysis, kind: str, key: str, n: fx.Node, reason: str) -> Site:
+    info = _tensor_info(n)
+    shape = tuple(int(s) for s in info.shape) if info is not None else ()
+    return Site(a.unit.full_name(key), kind, int(shape[1]) if len(shape) > 1 else 0, shape, False, reason, a.unit.path, key)
+
+
+def _cut_vertices(a: _Analysis) -> list[fx.Node]:
+    order = [n for n in a.nodes if n not in a.const and n.op != "output"]
+    pos = {n: i for i, n in enumerate(order)}
+    cuts, reach = [], -1
+    for i, n in enumerate(order):
+        if reach <= i and n.op != "placeholder":
+            cuts.append(n)
+        for u in n.users:
+            if u in pos:
+                reach = max(reach, pos[u])
+    return cuts
+
+
+def stage_ends(a: _Analysis, block_sites: Sequence[Site]) -> list[fx.Node]:
+    """The output node of each backbone stage, in order (see the module doc)."""
+    convs = [a.index[c] for c, _ in conv_units(a)]
+    merges = [a.index[a.by_key[s.key]] for s in block_sites if s.used]
+    groups: list[list[fx.Node]] = []
+    for n in _cut_vertices(a):
+        ok, _ = a.feature_map(n)
+        if not ok:
+            continue
+        size = _tensor_info(n).shape[2:]  # type: ignore[union-attr]
+        if groups and _tensor_info(groups[-1][-1]).shape[2:] == size:  # type: ignore[union-attr]
+            groups[-1].append(n)
+        else:
+            groups.append([n])
+    last = a.scope_last_nodes()
+    ends, prev = [], -1
+    for g in groups:
+        end = _shallowest_output(g, last)
+        n_convs = sum(prev < i <= a.index[end] for i in convs)
+        n_merges = sum(prev < i <= a.index[end] for i in merges)
+        if n_convs >= 2 or n_merges >= 1:
+            ends.append(end)
+            prev = a.index[end]
+    return ends
+
+
+def _scope_depth(n: fx.Node, last: dict[str, fx.Node]) -> int:
+    """Depth of the outermost module whose output ``n`` is (0 = a child of the root); large if none."""
+    depths = [p.count(".") for p, _ in (n.meta.get("nn_module_stack") or {}).values() if last.get(p) is n]
+    return min(depths) if depths else 1 << 20
+
+
+def _shallowest_output(group: list[fx.Node], last: dict[str, fx.Node]) -> fx.Node:
+    """The stage's end: among the articulation nodes at one resolution, the last one that is the
+    output of the shallowest module (so an expand conv inside the next block does not count)."""
+    best = min(_scope_depth(n, last) for n in group)
+    return [n for n in group if _scope_depth(n, last) == best][-1]
+
+
+def _stage_sites(a: _Analysis) -> list[Site]:
+    last = a.scope_last_nodes()
+    sites = []
+    for n in stage_ends(a, _block_sites(a)):
+        scopes = [p for p, _ in (n.meta.get("nn_module_stack") or {}).values() if last.get(p) is n]
+        name = scopes[0] if scopes else a.keys[n]
+        sites.append(_site(a, "stage", name, n, reason="stage output"))
+    return sites
+
+
+def _module_sites(a: _Analysis, pattern: str) -> list[Site]:
+    matcher = _matcher(pattern)
+    last = a.scope_last_nodes()
+    sites = []
+    for path, mod in a.unit.module.named_modules():
+        if not path or not (matcher(a.unit.full_name(path)) or type(mod).__name__ == pattern):
+            continue
+        if isinstance(mod, CBAM):
+            continue
+        calls = [n for n in a.nodes if n.op == "call_module" and str(n.target) == path]
+        if calls:
+            for n in calls:
+                sites.append(_site(a, "module", a.keys[n], n, reason=f"output of {type(mod).__name__}"))
+        elif path in last:
+            sites.append(_site(a, "module", path, last[path], reason=f"output of {type(mod).__name__}"))
+    return sites
+
+
+def _matcher(pattern: str):  # type: ignore[no-untyped-def]
+    if pattern.startswith("re:"):
+        rx = re.compile(pattern[3:])
+        return lambda name: rx.fullmatch(name) is not None
+    try:
+        rx = re.compile(pattern)
+    except re.error:
+        rx = None
+    return lambda name: name == pattern or fnmatch.fnmatchcase(name, pattern) or (rx is not None and rx.fullmatch(name) is not None)
+
+
+def find_unit_sites(unit: Unit, after: str) -> list[Site]:
+    """All candidate sites of one traced unit for one placement, used or skipped, in graph order."""
+    a = _Analysis(unit)
+    if after == "conv":
+        sites = _conv_sites(a)
+    elif after == "block":
+        sites = _block_sites(a)
+    elif after == "stage":
+        sites = _stage_sites(a)
+    else:
+        sites = _module_sites(a, after)
+    ends = [a.index[n] for n in stage_ends(a, _block_sites(a) if after != "block" else sites)]
+    out = []
+    for s in sites:
+        idx = a.index[a.by_key[s.key]]
+        stage = 1 + sum(e < idx for e in ends)
+        rel = s.name[len(unit.path) + 1 :] if unit.path else s.name
+        out.append(replace(s, stage=stage, module_name=cbam_module_name(unit.path, rel)))
+    return out
+
+
+def cbam_module_name(unit_path: str, key: str) -> str:
+    """``layer1.0.conv1`` -> ``layer1.0.cbam_conv1``; ``layer1.0.add`` -> ``layer1.0.cbam_add``."""
+    parent, _, leaf = key.rpartition(".")
+    leaf = re.sub(r"[^0-9A-Za-z_]", "_", leaf)
+    name = f"{parent}.cbam_{leaf}" if parent else f"cbam_{leaf}"
+    return f"{unit_path}.{name}" if unit_path else name
+
+
+# ----------------------------------------------------------------------------- selection
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Filters that keep some sites. Patterns are globs or regexes (``re:`` prefix forces regex)."""
+
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    stages: tuple[int, int] | None = None
+    every: int = 1
+    max_sites: int | None = None
+    min_channels: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def select_sites(sites: Iterable[Site], sel: Selection) -> list[Site]:
+    """Apply the selection in this order: stages, min_channels, include, exclude, every, max_sites."""
+    for p in sel.include + sel.exclude:
+        _matcher(p)
+    out: list[Site] = []
+    kept = 0
+    for s in sites:
+        if not s.used:
+            out.append(s)
+            continue
+        why = None
+        if sel.stages is not None and s.stage is not None and not (sel.stages[0] <= s.stage <= sel.stages[1]):
+            why = f"stage {s.stage} outside stages {sel.stages[0]}-{sel.stages[1]}"
+        elif s.channels < sel.min_channels:
+            why = f"{s.channels} channels < min_channels {sel.min_channels}"
+        elif sel.include and not any(_matcher(p)(s.name) for p in sel.include):
+            why = "not matched by include"
+        elif any(_matcher(p)(s.name) for p in sel.exclude):
+            why = "matched by exclude"
+        if why is None:
+            kept += 1
+            if (kept - 1) % sel.every != 0:
+                why = f"not every {sel.every}th site"
+            elif sel.max_sites is not None and (kept - 1) // sel.every >= sel.max_sites:
+                why = f"beyond max_sites {sel.max_sites}"
+        out.append(s if why is None else replace(s, used=False, reason=why))
+    return out
