@@ -205,6 +205,9 @@ def insert_cbam(
     sel = _selection(include, exclude, stages, every, max_sites, min_channels)
     inputs = _inputs(model, example_inputs)
     previous = copy.deepcopy(getattr(model, "cbam_recipe", None))
+    base = model.__dict__.get("_cbam_base")
+    if base is None:
+        base = structure_copy(model)
     work = model if inplace else copy.deepcopy(model)
     traced, sites = _plan(work, after, inputs, sel)
     if allow_repatch:
@@ -239,6 +242,7 @@ def insert_cbam(
     recipe["steps"].append(step)
     result.cbam_report = report
     result.cbam_recipe = recipe
+    result.__dict__["_cbam_base"] = base  # not a submodule: kept out of state_dict and .to()
     _match_devices(result)
     return result
 
@@ -290,6 +294,26 @@ def _match_devices(model: nn.Module) -> None:
         ref = next((p for n, p in parent.named_parameters() if "cbam" not in n), None)
         if ref is not None:
             mod.to(device=ref.device)
+
+
+def structure_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose parameters and persistent buffers are on the meta device.
+
+    It costs no memory and records the unpatched architecture, so a saved patched model can be
+    rebuilt by replaying its recipe on it (``base.to_empty(...)``, ``apply_recipe``, then
+    ``load_state_dict``). Non-persistent buffers are not in a state dict and are copied as they are.
+    """
+    memo: Dict[int, Any] = {}
+    for mod in model.modules():
+        for p in mod._parameters.values():
+            if p is not None:
+                memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+        for name, b in mod._buffers.items():
+            if b is not None and name not in mod._non_persistent_buffers_set:
+                memo[id(b)] = torch.empty_like(b, device="meta")
+    base = copy.deepcopy(model, memo)
+    base.__dict__.pop("_cbam_base", None)
+    return base
 
 
 def describe_inputs(inputs: Any) -> Any:
