@@ -11,6 +11,7 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree wi
 
 from .api import PatchReport, apply_recipe, find_sites, insert_cbam
 from .errors import CBAMInsertError
+from .io import load_model, save_model
 from .modules import CBAM, ChannelAttention, SpatialAttention
 from .sites import Site
 
@@ -25,4 +26,6 @@ __all__ = [
     "apply_recipe",
     "find_sites",
     "insert_cbam",
+    "load_model",
+    "save_model",
 ]

@@ -23,6 +23,7 @@ interrupted save leaves nothing behind, and it never writes over a file a model 
 
 from __future__ import annotations
 
+import _compat_pickle  # the Python 2 names protocol-2 pickles use (__builtin__, commands)
 import contextlib
 import functools
 import importlib
@@ -147,13 +148,13 @@ class SafePickle:
         scan = _scan(_pickle_bytes(self.path))
         module_classes: dict[str, type] = {}
         for full, (mod, name) in sorted(scan.globals.items()):
-            if full not in unsafe:
+            if full not in unsafe and f"{mod}.{name}" not in unsafe:
                 continue
             obj, why = _resolve(mod, name)
             if obj is not None and isinstance(obj, type) and issubclass(obj, nn.Module):
                 module_classes[full] = obj
             elif full != "functools.partial":
-                self.refused.append(f"{full} ({why or _kind(obj)})")
+                self.refused.append(f"{mod}.{name} ({why or _kind(obj)})")
         for full in sorted(scan.called & set(module_classes)):
             self.refused.append(f"{full} (the file calls it instead of restoring an instance)")
             del module_classes[full]
@@ -219,7 +220,10 @@ def _installed_packages() -> frozenset[str]:
 
 
 class _Scan:
-    """What a pickle references (``GLOBAL``), which of those it calls (``REDUCE``), what partials wrap."""
+    """What a pickle references (``GLOBAL``), which of those it calls (``REDUCE``), what partials wrap.
+
+    ``globals`` maps each reference as written to its Python 3 ``(module, name)``.
+    """
 
     def __init__(self) -> None:
         self.globals: dict[str, tuple[str, str]] = {}
@@ -250,9 +254,8 @@ def _scan(data: bytes) -> _Scan:
             name = op.name
             if name == "GLOBAL":
                 mod, _, attr = str(arg).partition(" ")
-                mod = {"__builtin__": "builtins", "copy_reg": "copyreg"}.get(mod, mod)
                 full = f"{mod}.{attr}"
-                scan.globals[full] = (mod, attr)
+                scan.globals[full] = _compat_pickle.NAME_MAPPING.get((mod, attr), (_compat_pickle.IMPORT_MAPPING.get(mod, mod), attr))
                 stack.append(("global", full))
             elif name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
                 memo[len(memo) if name == "MEMOIZE" else arg] = stack[-1]
@@ -376,7 +379,7 @@ def _sniff(path: Path) -> str:
                 f"(a torch.save file, or {_ARCH_HINT} with its weights)"
             )
         return "zip"
-    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < size:
+    if path.suffix == ".safetensors" or (head[8:9] == b"{" and int.from_bytes(head[:8], "little") < size):
         return "safetensors"
     if path.suffix == ".onnx" or head.startswith(b"\x08"):
         raise CBAMInsertError(
