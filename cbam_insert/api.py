@@ -224,9 +224,8 @@ def insert_cbam(
             cbam = CBAM(site.channels, dims=len(site.shape) - 2, **cbam_options)
             return cbam.to(dtype=getattr(torch, site.dtype) if site.dtype else None)
 
-        result = _splice_all(work, traced, sites, make)
-    modules = [s.module_name for s in used]
-    report = PatchReport(after, sites, _actual_names(result, modules), [u.path or "<model>" for u in traced.units], traced.skipped)
+        result, modules = _splice_all(work, traced, sites, make)
+    report = PatchReport(after, sites, modules, [u.path or "<model>" for u in traced.units], traced.skipped)
     step = {
         "after": after,
         "selection": {"include": list(sel.include), "exclude": list(sel.exclude), "stages": list(sel.stages) if sel.stages else None,
@@ -263,26 +262,19 @@ def _allow(site: Site) -> Site:
     return site
 
 
-def _splice_all(work: nn.Module, traced: TraceResult, sites: list[Site], make: Any) -> nn.Module:
+def _splice_all(work: nn.Module, traced: TraceResult, sites: list[Site], make: Any) -> tuple[nn.Module, list[str]]:
     result = work
+    names: list[str] = []
     for unit in traced.units:
         if not any(s.used and s.unit == unit.path for s in sites):
             continue
-        new = splice_unit(unit, sites, make)
+        new, added = splice_unit(unit, sites, make)
+        names.extend(added)
         if unit.path == "":
             result = new
         else:
             set_submodule(work, unit.path, new)
-    return result
-
-
-def _actual_names(model: nn.Module, planned: list[str]) -> list[str]:
-    names = [n for n, m in model.named_modules() if isinstance(m, CBAM)]
-    return [n for n in names if n in planned] + [n for n in names if n not in planned and _is_new(n, planned)]
-
-
-def _is_new(name: str, planned: list[str]) -> bool:
-    return any(name.startswith(p + "_") and name[len(p) + 1 :].isdigit() for p in planned)
+    return result, names
 
 
 def _match_devices(model: nn.Module) -> None:
@@ -303,7 +295,7 @@ def structure_copy(model: nn.Module) -> nn.Module:
     rebuilt by replaying its recipe on it (``base.to_empty(...)``, ``apply_recipe``, then
     ``load_state_dict``). Non-persistent buffers are not in a state dict and are copied as they are.
     """
-    memo: Dict[int, Any] = {}
+    memo: dict[int, Any] = {}
     for mod in model.modules():
         for p in mod._parameters.values():
             if p is not None:

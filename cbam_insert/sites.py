@@ -364,6 +364,20 @@ def _describe(n: fx.Node) -> str:
     return getattr(n.target, "__name__", str(n.target))
 
 
+def _carries_tensor(n: fx.Node) -> bool:
+    info = n.meta.get("cbam_info")
+    if isinstance(info, tuple):
+        return any(isinstance(i, TensorInfo) for i in info)
+    return isinstance(info, TensorInfo)
+
+
+def _upsamples(a: _Analysis, n: fx.Node) -> bool:
+    """Every feature map ``n`` reads is smaller than its output (interpolate, transposed conv)."""
+    out = _tensor_info(n)
+    ins = [i for i in map(_tensor_info, a._inputs(n)) if i is not None and out is not None and len(i.shape) == len(out.shape)]
+    return bool(ins) and all(any(s < t for s, t in zip(i.shape[2:], out.shape[2:])) for i in ins)
+
+
 def _rank(n: fx.Node | None) -> int | None:
     info = _tensor_info(n)
     return len(info.shape) if info is not None else None
@@ -433,7 +447,7 @@ def _site(a: _Analysis, kind: str, name_key: str, node: fx.Node, operand: fx.Nod
     target = operand if operand is not None else node
     info = _tensor_info(target)
     ok, why = a.feature_map(target)
-    if ok and (a.followed_by_cbam(target) if operand is None else a.is_cbam(operand)):
+    if ok and (a.is_cbam(target) or (operand is None and a.followed_by_cbam(target))):
         ok, why = False, "already has CBAM (allow_repatch=True / --repatch adds another)"
     shape = info.shape if info is not None else ()
     return Site(
@@ -489,8 +503,8 @@ def _ancestry(a: _Analysis, x: fx.Node, y: fx.Node) -> tuple[fx.Node | None, dic
         if seen[n] == 3:
             return n, seen
         for p in n.all_input_nodes:
-            if p in a.const:
-                continue
+            if p in a.const or not _carries_tensor(p):
+                continue  # shape reads (x.shape, x.size()) are not dataflow
             seen[p] = seen.get(p, 0) | seen[n]
             if p not in queued:
                 queued.add(p)
@@ -538,16 +552,21 @@ def _block_sites(a: _Analysis) -> list[Site]:
             sites.append(_skip(a, "block", key, n, f"symmetric merge (both paths {la} ops long): no residual branch"))
             continue
         branch, path = (ops[0], pa) if la > lb else (ops[1], pb)
+        short = ([ops[1]] + pb) if la > lb else ([ops[0]] + pa)
         size = ia.shape[2:]
-        for m in path + [fork]:
+        for m in path + [fork, branch]:
             info = _tensor_info(m)
             if info is not None and len(info.shape) == len(ia.shape) and a.axis.get(m) == 1:
                 small = info.shape[2:]
                 # a global descriptor (SE/CBAM squeeze, all spatial dims 1) is a gate, not a level
                 if any(s < t for s, t in zip(small, size)) and any(s > 1 for s in small):
                     break
+                # ... unless the path upsamples it back: a top-down level that happens to be 1x1
+                if m is not fork and small == size and _upsamples(a, m):
+                    break
         else:
-            shortcut = "identity" if fork in ops else "projection"
+            weighted = any(any(True for _ in m.parameters()) for m in map(a.module_of, short) if m is not None)
+            shortcut = "projection" if weighted else "identity"
             sites.append(_site(a, "block", key, n, operand=branch, reason=f"residual branch ({shortcut} shortcut)"))
             continue
         sites.append(_skip(a, "block", key, n, "top-down merge (the long path drops below the merge's resolution): not a residual block"))

@@ -46,8 +46,9 @@ def _free_name(root: nn.Module, name: str) -> str:
     return f"{name}_{k}"
 
 
-def splice_unit(unit: Unit, sites: Sequence[Site], make: Callable[[Site], CBAM]) -> nn.Module:
-    """Insert ``make(site)`` after each used site of ``unit``; return the unit's new module.
+def splice_unit(unit: Unit, sites: Sequence[Site], make: Callable[[Site], CBAM]) -> tuple[nn.Module, list[str]]:
+    """Insert ``make(site)`` after each used site of ``unit``; return the unit's new module and
+    the qualified names the CBAM modules got (``_2``, ``_3`` … when a name was taken).
 
     The returned module is a ``GraphModule`` (or a ``ModeGraphModule`` when train and eval
     graphs differ) whose submodules are the unit's own, plus the new CBAM modules.
@@ -77,8 +78,29 @@ def splice_unit(unit: Unit, sites: Sequence[Site], make: Callable[[Site], CBAM])
         gm: fx.GraphModule = ModeGraphModule(root, unit.graphs["train"], unit.graphs["eval"], class_name)
     else:
         gm = fx.GraphModule(root, unit.graphs["eval"], class_name)
+    _adopt_tree(gm, root)
     gm.train(unit.module.training)
-    return gm
+    return gm, [prefix + n for n in names]
+
+
+def _adopt_tree(gm: fx.GraphModule, root: nn.Module) -> None:
+    """Give ``gm`` the root's own children, parameters and buffers, in the root's order.
+
+    GraphModule copies only what its graph calls, into plain ``nn.Module`` containers; taking
+    the original subtrees keeps containers indexable (``model.layer1[0]``) and keeps every
+    original state-dict key, even of modules the graph does not call.
+    """
+    gm._modules.clear()
+    for name, child in root.named_children():
+        gm._modules[name] = child
+    for name, param in root._parameters.items():
+        if param is not None:
+            gm._parameters[name] = param
+    for name, buf in root._buffers.items():
+        if buf is not None:
+            gm._buffers[name] = buf
+            if name in root._non_persistent_buffers_set:
+                gm._non_persistent_buffers_set.add(name)
 
 
 def _insert(graph: fx.Graph, site: Site, name: str) -> int:
