@@ -1,0 +1,57 @@
+"""The benchmarks run (smoke tests, no timing assertions) and the package imports lazily."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+OPTIONAL_HEAVY = ("onnx", "onnxruntime", "timm", "safetensors")
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
+
+
+def _run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.parametrize("module", ["cbam_insert", "cbam_insert.cli"])
+def test_import_does_not_load_optional_heavy_packages(module):
+    code = f"import json, sys, {module}; print(json.dumps(sorted(m for m in {OPTIONAL_HEAVY!r} if m in sys.modules)))"
+    loaded = json.loads(_run("-c", code).stdout.strip().splitlines()[-1])
+    assert loaded == [], f"import {module} loaded {loaded}"
+
+
+def test_bench_model_quick_runs_and_reports_ratios(tmp_path):
+    out = tmp_path / "rows.json"
+    proc = _run("benchmarks/bench_model.py", "--quick", "--models", "resnet18", "--json", str(out))
+    assert "ratio" in proc.stdout
+    rows = json.loads(out.read_text())
+    assert {(r["layout"], r["mode"]) for r in rows} == {("contiguous", "eager"), ("channels_last", "eager")}
+    for r in rows:
+        assert "skipped" not in r, r
+        assert r["bare_ms"] > 0 and r["seed_ms"] > 0 and r["project_ms"] > 0
+        # same weights in the seed's and the project's CBAM: the patched models agree
+        assert r["seed_vs_project_maxdiff"] < 1e-3
+
+
+def test_bench_model_profile_quick_prints_op_tables():
+    proc = _run("benchmarks/bench_model.py", "--quick", "--models", "resnet18", "--layouts", "contiguous",
+                "--profile", "--reps", "1")  # fmt: skip
+    assert "project CBAM" in proc.stdout and "seed CBAM" in proc.stdout
+
+
+def test_bench_cli_quick_runs_and_prints_the_ratio():
+    proc = _run("benchmarks/bench_cli.py", "--quick")
+    assert "ratio cbam-insert / import" in proc.stdout
