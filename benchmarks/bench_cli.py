@@ -53,7 +53,7 @@ def env() -> dict[str, str]:
 
 def run_once(cmd: list[str], cwd: Path) -> float:
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True)
+    proc = subprocess.run(cmd, check=False, cwd=cwd, env=env(), capture_output=True, text=True)
     dt = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
@@ -75,7 +75,9 @@ def breakdown(model: str, out: Path, cwd: Path) -> None:
     )
     subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env(), check=True, capture_output=True)
     stats = pstats.Stats(str(prof)).stats  # type: ignore[attr-defined]
-    command = [f for f in stats if f[0].endswith(os.path.join("cbam_insert", "cli.py")) and f[2] not in ("main", "<module>")]
+    command = [
+        f for f in stats if f[0].endswith(os.path.join("cbam_insert", "cli.py")) and f[2] not in ("main", "<module>")
+    ]
     entry = max(command, key=lambda f: stats[f][3], default=None)
     if entry is None:
         print("breakdown: the CLI's command function was not found in the profile")
@@ -89,7 +91,7 @@ def breakdown(model: str, out: Path, cwd: Path) -> None:
     for ct, (file, line, name) in sorted(parts, reverse=True)[:10]:
         where = Path(file).name if file != "~" else "builtin"
         print(f"  {ct:7.2f} s  {name}  ({where}:{line})")
-    imp = subprocess.run([sys.executable, "-X", "importtime", "-c", "import cbam_insert.cli"], cwd=cwd, env=env(),
+    imp = subprocess.run([sys.executable, "-X", "importtime", "-c", "import cbam_insert.cli"], check=False, cwd=cwd, env=env(),
                          capture_output=True, text=True)  # fmt: skip
     rows = [ln.split("|") for ln in imp.stderr.splitlines() if ln.startswith("import time:") and "|" in ln]
     cum = {r[2].strip(): int(r[1]) / 1e6 for r in rows if r[1].strip().isdigit()}

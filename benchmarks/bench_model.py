@@ -42,7 +42,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cbam_insert import CBAM, insert_cbam  # noqa: E402
+from cbam_insert import CBAM, insert_cbam
 
 
 class SeedChannelAttention(nn.Module):
@@ -152,7 +152,9 @@ def timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
     return run
 
 
-def measure(fns: dict[str, Callable[[], object]], reps: int, warmup: int, device: torch.device) -> dict[str, list[float]]:
+def measure(
+    fns: dict[str, Callable[[], object]], reps: int, warmup: int, device: torch.device
+) -> dict[str, list[float]]:
     """Interleaved timings: each round runs every fn once, the order rotating between rounds."""
     run = timer(device)
     names = list(fns)
@@ -161,7 +163,7 @@ def measure(fns: dict[str, Callable[[], object]], reps: int, warmup: int, device
             run(fns[n])
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(reps):
-        order = names[r % len(names):] + names[: r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for n in order:
             times[n].append(run(fns[n]))
     return times
@@ -225,7 +227,7 @@ def run_config(models: dict[str, nn.Module], x: torch.Tensor, mode: str, args: a
         # the seed and project CBAM have the same weights: the patched outputs must agree
         extra["seed_vs_project_maxdiff"] = max_abs_diff(outs["seed"], outs["project"])
         for k, m in runners.items():
-            fns[k] = (lambda m=m: m(x))
+            fns[k] = lambda m=m: m(x)
         times = measure(fns, args.reps, args.warmup, device)
     return {**summarise(times), **extra}
 
@@ -250,7 +252,9 @@ def markdown(rows: list[dict]) -> str:
     ]
     for r in rows:
         if "skipped" in r:
-            lines.append(f"| {r['model']} | {r['batch']} | {r['layout']} | {r['mode']} | skipped: {r['skipped']} | | | |")
+            lines.append(
+                f"| {r['model']} | {r['batch']} | {r['layout']} | {r['mode']} | skipped: {r['skipped']} | | | |"
+            )
             continue
         lines.append(
             f"| {r['model']} | {r['batch']} | {r['layout']} | {r['mode']} | {r['bare_ms']:.2f} | "
@@ -282,14 +286,17 @@ def profile(args: argparse.Namespace) -> None:
             project.to(memory_format=fmt)
             for batch in args.batches:
                 inputs: list[tuple[CBAM, torch.Tensor]] = []
-                hooks = [m.register_forward_pre_hook(lambda m, a: inputs.append((m, a[0])))
+                hooks = [m.register_forward_pre_hook(lambda m, a, seen=inputs: seen.append((m, a[0])))
                          for m in project.modules() if isinstance(m, CBAM)]  # fmt: skip
                 x = torch.randn(batch, 3, args.size, args.size, device=device, dtype=dtype).to(memory_format=fmt)
                 with torch.inference_mode():
                     project(x)
                 for h in hooks:
                     h.remove()
-                for label, mods in (("project", [m for m, _ in inputs]), ("seed", [SeedCBAM.like(m) for m, _ in inputs])):
+                for label, mods in (
+                    ("project", [m for m, _ in inputs]),
+                    ("seed", [SeedCBAM.like(m) for m, _ in inputs]),
+                ):
                     with torch.inference_mode():
                         for m, (_, t) in zip(mods, inputs):
                             m(t)
@@ -302,11 +309,15 @@ def profile(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--models", nargs="+", default=["resnet50", "mobilenet_v2"])
     p.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     p.add_argument("--size", type=int, default=224, help="input height and width")
-    p.add_argument("--layouts", nargs="+", default=["contiguous", "channels_last"], choices=["contiguous", "channels_last"])
+    p.add_argument(
+        "--layouts", nargs="+", default=["contiguous", "channels_last"], choices=["contiguous", "channels_last"]
+    )
     p.add_argument("--modes", nargs="+", default=["eager", "compile"], choices=["eager", "compile"])
     p.add_argument("--reps", type=int, default=15, help="timed rounds (each round runs every model once)")
     p.add_argument("--warmup", type=int, default=3)
