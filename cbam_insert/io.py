@@ -18,7 +18,7 @@ TorchScript archives, ``torch.export`` programs and ONNX files are refused with 
 
 ``save_model(model, path, format=None)`` writes one of ``FORMATS`` (inferred from the extension
 where unambiguous) through a temporary file in the target directory and a rename, so a failed or
-interrupted save leaves nothing behind, and it never writes over a file a model was loaded from.
+interrupted save leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import _compat_pickle  # the Python 2 names protocol-2 pickles use (__builtin__,
 import contextlib
 import functools
 import importlib
+import importlib.util
 import json
 import os
 import pickletools
@@ -63,9 +64,6 @@ _PT_VERSION = 1
 _ONNX_OPSET = 18
 _TRUST_HINT = "if you trust the file, pass --trust (API: load_model(..., trust=True))"
 _ARCH_HINT = "--arch torchvision:NAME (API: load_model(path, arch='torchvision:NAME'))"
-
-_read_from: set[Path] = set()  # files models were loaded from in this process: never written over
-
 
 # ----------------------------------------------------------------------------- architectures
 
@@ -130,6 +128,9 @@ class SafePickle:
       ``ScriptModule`` subclasses are refused: they carry code.
     * ``functools.partial`` whose function is such an allowed module class (torchvision's ViTs
       keep ``partial(nn.LayerNorm, eps=1e-6)``): a deferred constructor, no wider than the class.
+    * ``TORCHVISION_HELPERS``: the few non-module objects torchvision's detection and optical-flow
+      models keep, restored the same way and never called while loading: plain classes holding
+      numbers (box coders, matchers, samplers) and two pure tensor functions.
 
     A class is resolved from a module already imported, or imported from an installed distribution
     (never the standard library, never a file in the current directory): importing a module named by
@@ -147,17 +148,21 @@ class SafePickle:
         unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(str(self.path)))
         scan = _scan(_pickle_bytes(self.path))
         module_classes: dict[str, type] = {}
+        helpers: dict[str, Any] = {}
         for full, (mod, name) in sorted(scan.globals.items()):
             if full not in unsafe and f"{mod}.{name}" not in unsafe:
                 continue
             obj, why = _resolve(mod, name)
             if obj is not None and isinstance(obj, type) and issubclass(obj, nn.Module):
                 module_classes[full] = obj
+            elif obj is not None and full in TORCHVISION_HELPERS:
+                helpers[full] = obj
             elif full != "functools.partial":
                 self.refused.append(f"{mod}.{name} ({why or _kind(obj)})")
-        for full in sorted(scan.called & set(module_classes)):
+        for full in sorted(scan.called & (set(module_classes) | set(helpers))):
             self.refused.append(f"{full} (the file calls it instead of restoring an instance)")
-            del module_classes[full]
+            module_classes.pop(full, None)
+            helpers.pop(full, None)
         if "functools.partial" in unsafe:
             bad = scan.partial_funcs - set(module_classes)
             if bad or scan.partial_unknown:
@@ -165,7 +170,7 @@ class SafePickle:
                 self.refused.append(f"functools.partial (wrapping {what})")
             else:
                 self.allowed.append((functools.partial, "functools.partial"))
-        self.allowed.extend((cls, full) for full, cls in module_classes.items())
+        self.allowed.extend((obj, full) for full, obj in (module_classes | helpers).items())
 
     def load(self) -> Any:
         if self.refused:
@@ -231,6 +236,16 @@ class _Scan:
         self.partial_funcs: set[str] = set()
         self.partial_unknown = False
 
+
+TORCHVISION_HELPERS = frozenset({
+    "torchvision.models.detection._utils.BalancedPositiveNegativeSampler",
+    "torchvision.models.detection._utils.BoxCoder",
+    "torchvision.models.detection._utils.BoxLinearCoder",
+    "torchvision.models.detection._utils.Matcher",
+    "torchvision.models.detection._utils.SSDMatcher",
+    "torchvision.ops.boxes.box_iou",
+    "torchvision.models.optical_flow.raft._pass_through_h",
+})  # fmt: skip
 
 _PUSH_ONE = {
     "NONE", "NEWTRUE", "NEWFALSE", "INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4", "FLOAT",
@@ -351,7 +366,6 @@ def load_model(source: str | Path, arch: str | nn.Module | None = None, trust: b
         model = _weights_into(arch, state, recipe, path)
     else:
         model = _from_object(_unpickle(path, kind, trust), path, arch)
-    _read_from.add(path.resolve())
     return model
 
 
@@ -469,7 +483,14 @@ def _sidecar_recipe(path: Path) -> dict[str, Any] | None:
         raise CBAMInsertError(f"{side}: not a readable recipe ({_first_line(exc)})") from exc
 
 
+def _require(module: str, purpose: str) -> None:
+    """Raise a one-line error naming the extra to install when an optional package is missing."""
+    if importlib.util.find_spec(module) is None:
+        raise CBAMInsertError(f"{purpose} needs the {module} package: pip install 'cbam-insert[export]'")
+
+
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    _require("safetensors", "reading .safetensors")
     from safetensors import safe_open
 
     try:
@@ -596,8 +617,9 @@ def save_model(
       ``pt2`` (``torch.export``): the model in eval mode, captured on ``example_inputs`` (default: the
       recipe's example input, else one inferred from the first convolution).
 
-    The write is atomic and never goes over a file a model was loaded from. ``force=False`` refuses
-    an existing ``path`` (the CLI checks ``--force`` itself). Returns ``path``.
+    The write is atomic: a temporary file beside ``path``, renamed onto it when complete.
+    ``force=False`` refuses an existing ``path``; the default ``True`` overwrites, because the CLI
+    checks ``--force`` and refuses to write over its input before it calls this. Returns ``path``.
     """
     path = Path(path)
     fmt = _resolve_format(path, format)
@@ -605,10 +627,6 @@ def save_model(
         raise CBAMInsertError(f"{path.parent}: output directory does not exist")
     if path.is_dir():
         raise CBAMInsertError(f"{path}: is a directory; give a file name")
-    targets = [path] + ([_sidecar(path)] if fmt == "state-dict" else [])
-    for target in targets:
-        if target.resolve() in _read_from:
-            raise CBAMInsertError(f"{target}: a model was loaded from this file; save elsewhere, never over the input")
     if path.exists() and not force:
         raise CBAMInsertError(f"{path}: exists; pass --force (API: force=True) to overwrite")
     writer = _WRITERS[fmt]
@@ -709,6 +727,7 @@ def _write_state_dict(model: nn.Module, path: Path, example_inputs: Any) -> None
 
 
 def _write_safetensors(model: nn.Module, path: Path, example_inputs: Any) -> None:
+    _require("safetensors", "saving as safetensors")
     from safetensors.torch import save_model as st_save
 
     recipe = _recipe(model)
@@ -755,6 +774,7 @@ def _write_torchscript(model: nn.Module, path: Path, example_inputs: Any) -> Non
 
 
 def _write_onnx(model: nn.Module, path: Path, example_inputs: Any) -> None:
+    _require("onnxscript", "ONNX export")
     inputs = _export_inputs(model, example_inputs)
     with _eval_mode(model), warnings.catch_warnings(), _quiet():
         warnings.simplefilter("ignore")
