@@ -205,14 +205,32 @@ def _info(value: Any) -> Any:
 
 
 def propagate(gm: fx.GraphModule, args: Sequence[Any]) -> None:
-    """One eager run of ``gm`` in eval mode, without gradients, recording tensor metadata."""
+    """One run of ``gm`` in eval mode, without gradients, recording tensor metadata.
+
+    The run uses fake tensors (shapes and dtypes only, no arithmetic), so it costs milliseconds
+    even for the largest models; graphs that fake tensors cannot run (data-dependent shapes)
+    fall back to one real run.
+    """
     was_training = gm.training
     gm.eval()
     try:
         with torch.no_grad():
-            _Propagate(gm).run(*args)
+            try:
+                _fake_run(gm, args)
+            except Exception:  # noqa: BLE001 - any failure: do it for real
+                _Propagate(gm).run(*args)
     finally:
         gm.train(was_training)
+
+
+def _fake_run(gm: fx.GraphModule, args: Sequence[Any]) -> None:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._pytree import tree_map
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fake_args = tree_map(lambda t: mode.from_tensor(t) if isinstance(t, torch.Tensor) else t, tuple(args))
+    with mode:
+        _Propagate(gm).run(*fake_args)
 
 
 @dataclass
