@@ -644,13 +644,17 @@ def _stage_sites(a: _Analysis) -> list[Site]:
 def _module_sites(a: _Analysis, pattern: str) -> list[Site]:
     matcher = _matcher(pattern)
     last = a.scope_last_nodes()
+    calls_of: dict[str, list[fx.Node]] = {}
+    for n in a.nodes:
+        if n.op == "call_module":
+            calls_of.setdefault(str(n.target), []).append(n)
     sites = []
     for path, mod in a.unit.module.named_modules():
         if not path or not (matcher(a.unit.full_name(path)) or type(mod).__name__ == pattern):
             continue
         if isinstance(mod, CBAM):
             continue
-        calls = [n for n in a.nodes if n.op == "call_module" and str(n.target) == path]
+        calls = calls_of.get(path, [])
         if calls:
             for n in calls:
                 sites.append(_site(a, "module", a.keys[n], n, reason=f"output of {type(mod).__name__}"))
