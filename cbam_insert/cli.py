@@ -1,18 +1,37 @@
-"""The ``cbam-insert`` command: parse arguments, call the API, print the result."""
+"""The ``cbam-insert`` command: parse arguments, call the API, print the result.
+
+Exit status: 0 done; 1 a user error (one line ``error: ...`` on stderr, nothing written);
+2 a usage error found by the argument parser (unknown option, missing value, a non-integer
+where an integer is expected); 3 an internal error, i.e. a bug (one line, rerun with
+``--debug`` for the traceback); 130 interrupted. ``--debug`` lets every exception through
+with its traceback.
+"""
 
 from __future__ import annotations
 
+import json
+import os
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from . import __version__
 from .errors import CBAMInsertError
 
-app = typer.Typer(add_completion=False, rich_markup_mode=None, context_settings={"help_option_names": ["-h", "--help"]})
+app = typer.Typer(
+    add_completion=False,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
+
+EXIT_USER = 1
+EXIT_INTERNAL = 3
+
 
 
 def _version(value: bool) -> None:
@@ -21,91 +40,396 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
-def _parse_shape(text: str | None) -> tuple | None:
-    if text is None:
-        return None
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``"1,3,224,224"`` (or ``1x3x224x224``) -> ``(1, 3, 224, 224)``."""
     try:
-        dims = tuple(int(p) for p in text.replace("x", ",").split(","))
+        dims = tuple(int(p) for p in text.lower().replace("x", ",").split(","))
     except ValueError:
         raise CBAMInsertError(f"--input-shape {text!r}: expected comma-separated integers like 1,3,224,224") from None
     if len(dims) < 3 or any(d <= 0 for d in dims):
-        raise CBAMInsertError(f"--input-shape {text!r}: expected (N, C, *spatial) with positive sizes, like 1,3,224,224")
+        raise CBAMInsertError(
+            f"--input-shape {text!r}: expected (N, C, *spatial) with positive sizes, like 1,3,224,224"
+        )
     return dims
 
 
-@app.command()
-def main_command(
-    source: str = typer.Argument(..., help="Model file (torch.save(model)) or a built-in spec: torchvision:resnet50"),
-    after: str = typer.Option("block", "--after", help="Placement: conv (after conv+norm+act), block (residual branch, before the merge), stage, or a module name/glob/regex/class, e.g. 'layer4.*.bn3'"),
-    output: Path | None = typer.Option(None, "-o", "--output", help="Where to save; default: beside the input as NAME_cbam.pt"),
-    force: bool = typer.Option(False, "--force", help="Overwrite an existing output file"),
-    input_shape: str | None = typer.Option(None, "--input-shape", help="Example input for single-tensor models, e.g. 1,3,224,224"),
-    include: list[str] | None = typer.Option(None, "--include", help="Keep only sites whose name matches (glob/regex), e.g. 'layer[34].*'"),
-    exclude: list[str] | None = typer.Option(None, "--exclude", help="Drop sites whose name matches, e.g. 'layer1.*'"),
-    reduction: int = typer.Option(16, "--reduction", help="Channel MLP reduction ratio r (hidden = max(1, C // r))"),
-    kernel_size: int = typer.Option(7, "--kernel-size", help="Spatial attention kernel size (odd), e.g. 3"),
-    variant: str = typer.Option("seed", "--variant", help="seed (bias-free) or official (authors' code: MLP biases, BN after spatial conv)"),
-    init: str = typer.Option("default", "--init", help="default, or identity: the patched model computes exactly what the original did"),
-    seed: int | None = typer.Option(None, "--seed", help="Seed for reproducible CBAM weights"),
-    dry_run: bool = typer.Option(False, "--dry-run", help="List the sites and the cost; write nothing"),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the output path"),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks"),
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version and exit"),
-) -> None:
-    """Put CBAM into a PyTorch model and save the result.
-
-    Example: cbam-insert torchvision:resnet50 --after block -o resnet50_cbam.pt
-    """
-    console = Console(stderr=False, highlight=False)
-    err = Console(stderr=True, highlight=False)
+def parse_stages(text: str) -> tuple[int, int]:
+    """``"2-4"`` -> ``(2, 4)``; ``"3"`` -> ``(3, 3)``."""
+    first, sep, last = text.partition("-")
     try:
-        from .api import insert_cbam
-        from .io import default_output, load_model, save_model
-        from .report import FLOP_NOTE, cost_report
+        lo = int(first)
+        hi = int(last) if sep else lo
+    except ValueError:
+        raise CBAMInsertError(f"--stages {text!r}: expected a stage or a range like 2-4") from None
+    return lo, hi
 
-        out = output or default_output(source)
-        if not dry_run:
-            if Path(str(source)).exists() and Path(out).resolve() == Path(str(source)).resolve():
-                raise CBAMInsertError(f"output {out} is the input file; choose another -o")
-            if Path(out).exists() and not force:
-                raise CBAMInsertError(f"output {out} exists; pass --force to overwrite")
-        model = load_model(source)
-        shape = _parse_shape(input_shape)
-        import torch
 
-        inputs = (torch.rand(*shape),) if shape else None
-        patched = insert_cbam(model, after=after, example_inputs=inputs, include=include or None, exclude=exclude or None,
-                              reduction=reduction, kernel_size=kernel_size, variant=variant, init=init, seed=seed)  # fmt: skip
-        report = patched.cbam_report
-        from .api import make_inputs
+def _cbam_options(**given: Any) -> dict[str, Any]:
+    return {k: v for k, v in given.items() if v is not None}
 
-        example = make_inputs(patched.cbam_recipe["steps"][-1]["example_inputs"])
-        cost = cost_report(model, patched, example)
-        if not quiet:
-            table = Table(title=f"CBAM sites (after={after})")
-            for col in ("site", "kind", "channels", "spatial", "used", "note"):
-                table.add_column(col)
-            for s in report.sites:
-                table.add_row(s.name, s.kind, str(s.channels), "x".join(map(str, s.spatial)), "yes" if s.used else "no", s.reason)
-            console.print(table)
-            d = cost.to_dict()
-            console.print(f"params: {d['params']['before']:,} -> {d['params']['after']:,} (+{d['params']['delta']:,}, {d['params']['percent']:+.2f}%)")
-            console.print(f"MACs:   {d['flops']['before']:,} -> {d['flops']['after']:,} (+{d['flops']['delta']:,}, {d['flops']['percent']:+.3f}%)")
-            console.print(FLOP_NOTE)
-        if dry_run:
-            return
-        save_model(patched, out)
-        console.print(f"saved {len(report.modules)} CBAM modules: {out}" if not quiet else str(out))
+
+@contextmanager
+def _progress(enabled: bool) -> Iterator[Callable[[str], AbstractContextManager[None]]]:
+    """Yield ``step(what)``: a transient spinner with elapsed time on stderr while a step runs.
+
+    Silent (no colour, no animation) when ``enabled`` is false.
+    """
+    if not enabled:
+        yield lambda what: nullcontext()
+        return
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    progress = Progress(
+        SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=Console(stderr=True),
+        transient=True,
+    )  # fmt: skip
+
+    @contextmanager
+    def step(what: str) -> Iterator[None]:
+        task = progress.add_task(what, total=None)
+        try:
+            yield
+        finally:
+            progress.remove_task(task)
+
+    with progress:
+        yield step
+
+
+def _device(text: str) -> Any:
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise CBAMInsertError(f"--device {text!r}: expected cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CBAMInsertError(f"--device {text}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b) or a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
+@app.command(
+    epilog="Exit status: 0 done, 1 user error (one line on stderr, nothing written), "
+    "2 usage error, 3 internal error (rerun with --debug)."
+)
+def main_command(
+    source: Annotated[str | None, typer.Argument(
+        metavar="SOURCE", show_default=False,
+        help="A model file (torch.save(model); a state dict or .safetensors with --arch; a file this tool saved) "
+        "or a built-in architecture with random weights: torchvision:resnet50, timm:resnet50.",
+    )] = None,
+    after: Annotated[str, typer.Option(
+        "--after", metavar="PLACEMENT",
+        help="Where CBAM goes. conv: after each conv unit, i.e. after the conv together with the norm and "
+        "activation that directly follow it (conv-bn-relu: after the relu); block: on the residual branch of "
+        "each residual merge, before the add (the paper's placement); stage: after each backbone stage; or a "
+        "module name, glob, regex or class name: --after 'layer4.*.bn3', --after 're:layer[34]\\.\\d+\\.bn3', "
+        "--after Bottleneck.",
+    )] = "block",
+    include: Annotated[list[str] | None, typer.Option(
+        "--include", metavar="PATTERN", show_default=False,
+        help="Keep only sites whose name matches (glob, or regex with re:); repeatable: "
+        "--include 'layer3.*' --include 'layer4.*'.",
+    )] = None,
+    exclude: Annotated[list[str] | None, typer.Option(
+        "--exclude", metavar="PATTERN", show_default=False,
+        help="Drop sites whose name matches; repeatable: --exclude 'layer1.*'.",
+    )] = None,
+    stages: Annotated[str | None, typer.Option(
+        "--stages", metavar="FIRST-LAST", show_default=False,
+        help="Only sites in these backbone stages (1-based, inclusive): --stages 2-4, --stages 3.",
+    )] = None,
+    every: Annotated[int, typer.Option("--every", metavar="N", help="Keep every N-th site: --every 2.")] = 1,
+    max_sites: Annotated[int | None, typer.Option(
+        "--max-sites", metavar="K", show_default=False, help="Keep at most K sites: --max-sites 4.",
+    )] = None,
+    min_channels: Annotated[int, typer.Option(
+        "--min-channels", metavar="C", help="Skip sites with fewer channels: --min-channels 64.",
+    )] = 1,
+    repatch: Annotated[bool, typer.Option(
+        "--repatch", help="Add another CBAM where the model already has one (otherwise those sites are skipped).",
+    )] = False,
+    reduction: Annotated[int | None, typer.Option(
+        "--reduction", metavar="R", show_default=False,
+        help="Channel MLP reduction, hidden width max(1, C // R) [default: 16]: --reduction 8.",
+    )] = None,
+    hidden: Annotated[int | None, typer.Option(
+        "--hidden", metavar="H", show_default=False, help="Exact MLP hidden width instead of C // R: --hidden 32.",
+    )] = None,
+    kernel_size: Annotated[int | None, typer.Option(
+        "--kernel-size", metavar="K", show_default=False,
+        help="Spatial attention kernel, odd [default: 7]: --kernel-size 3.",
+    )] = None,
+    pool_types: Annotated[str | None, typer.Option(
+        "--pool-types", metavar="LIST", show_default=False,
+        help="Channel-branch pooling, comma-separated from avg, max, lp, lse [default: avg,max]: "
+        "--pool-types avg,max,lp.",
+    )] = None,
+    no_channel: Annotated[bool, typer.Option("--no-channel", help="Spatial attention only (no channel gate).")] = False,
+    no_spatial: Annotated[bool, typer.Option("--no-spatial", help="Channel attention only (no spatial gate).")] = False,
+    order: Annotated[str | None, typer.Option(
+        "--order", metavar="ORDER", show_default=False,
+        help="channel_first (the paper), spatial_first, or parallel (both gates computed from the input) "
+        "[default: channel_first]: --order parallel.",
+    )] = None,
+    variant: Annotated[str | None, typer.Option(
+        "--variant", metavar="NAME", show_default=False,
+        help="seed (bias-free MLP and conv) or official (the authors' code: MLP biases, [max; mean] spatial "
+        "input, BatchNorm after the spatial conv) [default: seed]: --variant official.",
+    )] = None,
+    mlp_bias: Annotated[bool | None, typer.Option(
+        "--mlp-bias/--no-mlp-bias", show_default=False, help="Override the variant's choice of MLP biases.",
+    )] = None,
+    spatial_norm: Annotated[bool | None, typer.Option(
+        "--spatial-norm/--no-spatial-norm", show_default=False,
+        help="Override the variant's choice of a BatchNorm after the spatial conv.",
+    )] = None,
+    init: Annotated[str | None, typer.Option(
+        "--init", metavar="INIT", show_default=False,
+        help="default, or identity: a zero-initialised gate makes the patched model compute exactly what the "
+        "original did while staying trainable, for pretrained weights [default: default]: --init identity.",
+    )] = None,
+    seed: Annotated[int | None, typer.Option(
+        "--seed", metavar="N", show_default=False, help="Seed for the new CBAM weights (reproducible files): --seed 0.",
+    )] = None,
+    arch: Annotated[str | None, typer.Option(
+        "--arch", metavar="SPEC", show_default=False,
+        help="Architecture for a weights-only file: cbam-insert w.safetensors --arch torchvision:resnet50.",
+    )] = None,
+    weights: Annotated[Path | None, typer.Option(
+        "--weights", metavar="FILE", show_default=False,
+        help="A state dict (.pth) or .safetensors file for --arch: --arch torchvision:resnet50 --weights w.pth.",
+    )] = None,
+    trust: Annotated[bool, typer.Option(
+        "--trust",
+        help="Unpickle a torch.save file with the full unpickler, which can run code from it: only for files "
+        "you trust.",
+    )] = False,
+    fmt: Annotated[str | None, typer.Option(
+        "--format", metavar="FORMAT", show_default=False,
+        help="Output format: pt, state-dict, safetensors, torchscript, onnx, pt2 [default: from the -o "
+        "extension, else pt]: --format safetensors.",
+    )] = None,
+    input_shape: Annotated[str | None, typer.Option(
+        "--input-shape", metavar="SHAPE", show_default=False,
+        help="Example input for single-tensor models [default: from the first conv, 1,3,224,224 for RGB image "
+        "models]: --input-shape 1,3,64,64.",
+    )] = None,
+    device: Annotated[str, typer.Option(
+        "--device", metavar="DEVICE",
+        help="Where shapes are propagated, FLOPs counted and --bench runs: --device cuda.",
+    )] = "cpu",
+    output: Annotated[Path | None, typer.Option(
+        "-o", "--output", metavar="FILE", show_default=False,
+        help="Where to save [default: beside the input as NAME_cbam.pt; ./NAME_cbam.pt for torchvision:NAME].",
+    )] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")] = False,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run",
+        help="List every site, used or skipped with the reason, and the cost the patch would add; write nothing.",
+    )] = False,
+    as_json: Annotated[bool, typer.Option(
+        "--json",
+        help="Print the report as JSON on stdout and nothing else there: cbam-insert m.pt --json | jq .params.",
+    )] = False,
+    bench: Annotated[bool, typer.Option(
+        "--bench", help="Also time the original and the patched model on the example input (median, ratio).",
+    )] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the output path.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+    version: Annotated[bool, typer.Option(
+        "--version", callback=_version, is_eager=True, help="Show the version and exit.",
+    )] = False,
+) -> None:
+    """Put CBAM attention into a PyTorch model, report what it adds, and save the result.
+
+    \b
+    Examples:
+      cbam-insert model.pt --after conv                # every conv unit; saves model_cbam.pt beside model.pt
+      cbam-insert torchvision:resnet18 --after block -o out.pt
+      cbam-insert torchvision:resnet50 --dry-run       # list sites (used/skipped, why) and the cost; write nothing
+      cbam-insert torchvision:resnet50 --stages 3-4 --reduction 8 --kernel-size 3 --init identity --seed 0
+      cbam-insert w.pth --arch torchvision:resnet50 --format safetensors -o r50_cbam.safetensors
+      cbam-insert torchvision:resnet18 --input-shape 1,3,64,64 --json --dry-run | jq .params
+
+    FLOPs are multiply-accumulates of convolutions and matrix products (torchvision's convention).
+    """
+    try:
+        _run(
+            source=source, after=after, include=include, exclude=exclude, stages=stages, every=every,
+            max_sites=max_sites, min_channels=min_channels, repatch=repatch,
+            cbam=_cbam_options(
+                reduction=reduction, hidden=hidden, kernel_size=kernel_size,
+                pool_types=[p.strip() for p in pool_types.split(",") if p.strip()] if pool_types is not None else None,
+                channel=False if no_channel else None, spatial=False if no_spatial else None, order=order,
+                variant=variant, mlp_bias=mlp_bias, spatial_norm=spatial_norm, init=init,
+            ),
+            seed=seed, arch=arch, weights=weights, trust=trust, fmt=fmt, input_shape=input_shape, device=device,
+            output=output, force=force, dry_run=dry_run, as_json=as_json, bench=bench, quiet=quiet,
+        )  # fmt: skip
+    except typer.Exit:
+        raise
     except CBAMInsertError as exc:
         if debug:
             raise
-        err.print(f"error: {exc}", markup=False)
-        raise typer.Exit(1) from None
+        sys.stderr.write(f"error: {_one_line(exc)}\n")
+        raise typer.Exit(EXIT_USER) from None
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        sys.stderr.write("error: interrupted; nothing was written\n")
+        raise typer.Exit(130) from None
+    except Exception as exc:  # a bug: one line, the traceback with --debug
+        if debug:
+            raise
+        sys.stderr.write(
+            f"error: internal error: {type(exc).__name__}: {_one_line(exc)[:300]} "
+            "(a bug in cbam-insert; rerun with --debug for the traceback and report it)\n"
+        )
+        raise typer.Exit(EXIT_INTERNAL) from None
+
+
+def _run(
+    *,
+    source: str | None,
+    after: str,
+    include: list[str] | None,
+    exclude: list[str] | None,
+    stages: str | None,
+    every: int,
+    max_sites: int | None,
+    min_channels: int,
+    repatch: bool,
+    cbam: dict[str, Any],
+    seed: int | None,
+    arch: str | None,
+    weights: Path | None,
+    trust: bool,
+    fmt: str | None,
+    input_shape: str | None,
+    device: str,
+    output: Path | None,
+    force: bool,
+    dry_run: bool,
+    as_json: bool,
+    bench: bool,
+    quiet: bool,
+) -> None:
+    from rich.console import Console
+
+    if source is not None and weights is not None:
+        raise CBAMInsertError("give the weights file either as SOURCE or as --weights, not both")
+    if source is None and weights is None:
+        raise CBAMInsertError(
+            "missing SOURCE: a model file or torchvision:NAME (or --weights FILE --arch torchvision:NAME)"
+        )
+    if weights is not None and arch is None:
+        raise CBAMInsertError("--weights needs --arch, e.g. --arch torchvision:resnet50 --weights w.pth")
+    src = str(weights) if weights is not None else str(source)
+    shape = parse_shape(input_shape) if input_shape is not None else None
+    stage_range = parse_stages(stages) if stages is not None else None
+    dev = _device(device)
+
+    from .io import FORMATS, default_output, load_model, save_model
+
+    if fmt is not None and fmt not in FORMATS:
+        raise CBAMInsertError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    out: Path | None = None
+    if not dry_run:
+        out = output if output is not None else default_output(src, fmt or "pt")
+        src_path = Path(src)
+        if src_path.exists() and _same_file(out, src_path):
+            raise CBAMInsertError(f"output {out} is the input file; choose another -o")
+        if out.is_dir():
+            raise CBAMInsertError(f"output {out} is a directory; give a file name")
+        if out.exists() and not force:
+            raise CBAMInsertError(f"output {out} exists; pass --force to overwrite it")
+        if not out.parent.exists():
+            raise CBAMInsertError(f"output directory {out.parent} does not exist")
+
+    stdout_tty = sys.stdout.isatty()
+    console = Console(highlight=False, width=None if stdout_tty or "COLUMNS" in os.environ else 120)
+    show = not (quiet or as_json)
+    with _progress(not quiet and stdout_tty and sys.stderr.isatty()) as step:
+        import torch
+
+        from .api import describe_inputs, insert_cbam, make_inputs
+        from .report import benchmark, cost_report, render_bench, render_report, report_dict
+
+        with step(f"loading {src}"):
+            model = load_model(src, arch=arch, trust=trust)
+        model = model.to(dev)
+        inputs = None
+        if shape is not None:
+            gen = torch.Generator().manual_seed(0)
+            inputs = (torch.rand(*shape, generator=gen).to(dev),)
+        with step("tracing and inserting CBAM"):
+            patched = insert_cbam(
+                model, after=after, example_inputs=inputs, include=include or None, exclude=exclude or None,
+                stages=stage_range, every=every, max_sites=max_sites, min_channels=min_channels,
+                allow_repatch=repatch, seed=seed, **cbam,
+            )  # fmt: skip
+        report = patched.cbam_report
+        spec = patched.cbam_recipe["steps"][-1]["example_inputs"]
+        example = make_inputs(spec, device=dev)
+        with step("counting parameters and FLOPs"):
+            cost = cost_report(model, patched, example, modules=report.modules)
+        timing = None
+        if bench:
+            with step("timing original and patched model"):
+                timing = benchmark(model, patched, example)
+        shape_text = _describe_shape(describe_inputs(example))
+        if show:
+            for renderable in render_report(report, cost, model=patched, show_skipped=dry_run, inputs=shape_text):
+                console.print(renderable, soft_wrap=False)
+            if timing is not None:
+                console.print(render_bench(timing))
+        if out is not None:
+            with step(f"saving {out}"):
+                if dev.type != "cpu":
+                    patched = patched.to("cpu")
+                    example = make_inputs(spec)
+                save_model(patched, out, fmt, example_inputs=example, force=force)
+    if as_json:
+        data = report_dict(report, cost, output=str(out) if out else None, inputs=describe_inputs(example),
+                           bench=timing, dry_run=dry_run)  # fmt: skip
+        data["source"] = src
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+    elif quiet:
+        if out is not None:
+            sys.stdout.write(f"{out}\n")
+    elif out is not None:
+        console.print(f"saved {len(report.modules)} CBAM module(s) to {out}", soft_wrap=True)
+    else:
+        console.print("dry run: nothing written", soft_wrap=True)
+
+
+def _describe_shape(spec: Any) -> str:
+    if "tuple" in spec and len(spec["tuple"]) == 1:
+        return _describe_shape(spec["tuple"][0])
+    if "shape" in spec:
+        return "x".join(map(str, spec["shape"]))
+    items = spec.get("list", spec.get("tuple", []))
+    inner = ", ".join(_describe_shape(s) for s in items)
+    return f"[{inner}]" if "list" in spec else f"({inner})"
 
 
 def main() -> None:
+    """Console-script entry point."""
     app(prog_name="cbam-insert")
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    main()

@@ -1,15 +1,34 @@
-"""Parameter and FLOP accounting for a patch, and its Rich rendering.
+"""Parameter and FLOP accounting for a patch, latency, and the report's Rich rendering.
 
-FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` on the example input and
-reported as multiply-accumulates (MACs), torchvision's convention for ``meta["_ops"]``: only
-matrix multiplications and convolutions are counted (elementwise ops, pooling, sigmoid and the
-attention multiplications are not).
+FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` on one eval-mode forward of
+the example input and reported as multiply-accumulates (MACs), torchvision's convention for
+``weights.meta["_ops"]``: convolutions and matrix products are counted, attention's two
+products included; norms, activations, pooling, softmax and elementwise products are not. For
+CBAM with C channels, hidden width h, kernel k and an (N, C, H, W) input that gives
+``N*P*2*C*h`` MACs for the shared MLP (P pooled descriptors, each through two linear layers)
+plus ``N*2*k*k*H*W`` for the 2-in, 1-out spatial convolution; its gating products are
+elementwise and not counted.
+
+Example::
+
+    >>> import torch, torchvision
+    >>> from cbam_insert import insert_cbam
+    >>> from cbam_insert.report import cost_report
+    >>> model = torchvision.models.resnet18()
+    >>> x = torch.rand(1, 3, 224, 224)
+    >>> patched = insert_cbam(model, after="block", example_inputs=(x,))
+    >>> cost = cost_report(model, patched, (x,))
+    >>> cost.params_before, round(cost.flops_before / 1e9, 3)  # torchvision's meta: 11689512, 1.814
+    (11689512, 1.814)
 """
 
 from __future__ import annotations
 
+import statistics
+import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -17,9 +36,47 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .modules import CBAM
 
-__all__ = ["CostReport", "cost_report", "count_macs", "count_params"]
+if TYPE_CHECKING:
+    from rich.console import RenderableType
 
-FLOP_NOTE = "FLOPs are multiply-accumulates of convolutions and matrix products (torchvision's convention)"
+    from .api import PatchReport
+    from .sites import Site
+
+__all__ = [
+    "FLOP_NOTE",
+    "BenchResult",
+    "CostReport",
+    "benchmark",
+    "cost_report",
+    "count_macs",
+    "count_params",
+    "render_bench",
+    "render_report",
+    "report_dict",
+]
+
+FLOP_NOTE = (
+    "FLOPs are multiply-accumulates (MACs) of convolutions and matrix products, attention included, "
+    "for one forward pass of the example input (torchvision's convention for weights.meta['_ops']); "
+    "norms, activations, pooling and elementwise products are not counted"
+)
+
+_aten = torch.ops.aten
+
+
+def _cpu_sdpa_flops(query: Sequence[int], key: Sequence[int], value: Sequence[int], *args: Any, **kwargs: Any) -> int:
+    """FLOPs of the CPU attention kernel, which FlopCounterMode does not know: ``q @ k^T`` and
+    ``attn @ v`` over (batch, heads, length, dim) shapes, 2 FLOPs per multiply-accumulate."""
+    *lead, s_q, d = query
+    s_k = key[-2]
+    d_v = value[-1]
+    batch = 1
+    for n in lead:
+        batch *= n
+    return 2 * batch * s_q * s_k * (d + d_v)
+
+
+_EXTRA_FLOP_FORMULAS = {_aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
 
 
 def count_params(model: nn.Module) -> int:
@@ -31,32 +88,37 @@ def count_params(model: nn.Module) -> int:
 
 
 def count_macs(model: nn.Module, example_inputs: tuple[Any, ...]) -> tuple[int, dict[str, int]]:
-    """Total MACs of one eval-mode forward, and MACs per CBAM module (by qualified name)."""
+    """Total MACs of one eval-mode forward, and MACs per CBAM module (by qualified name).
+
+    Works on the meta device too (model and inputs on ``meta``): only shapes are needed.
+    """
     was_training = model.training
     model.eval()
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)  # the fused MHA kernel is invisible to the counter
     try:
-        counter = FlopCounterMode(display=False)
+        counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS)
         with counter, torch.no_grad():
             model(*example_inputs)
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
         model.train(was_training)
     per_module = counter.get_flop_counts()
-    cbam_names = [n for n, m in model.named_modules() if isinstance(m, CBAM)]
-    per_site = {}
-    for name in cbam_names:
-        counts = _lookup(per_module, name)
-        per_site[name] = sum(counts.values()) // 2 if counts else 0
-    return counter.get_total_flops() // 2, per_site
+    per_cbam = {}
+    for name, key in _tracker_names(model, CBAM).items():
+        per_cbam[name] = sum(per_module.get(key, {}).values()) // 2
+    return counter.get_total_flops() // 2, per_cbam
 
 
-def _lookup(per_module: dict[str, dict[Any, int]], name: str) -> dict[Any, int] | None:
-    for key, counts in per_module.items():
-        if key == name or key.endswith("." + name) or key.split(".", 1)[-1] == name:
-            return counts
-    return None
+def _tracker_names(model: nn.Module, kind: type) -> dict[str, str]:
+    """``{qualified name: FlopCounterMode key}`` for the submodules of type ``kind``.
+
+    The counter's module tracker names the root by its class and every other module by the path
+    it was first reached on, ``"ResNet.layer1.0.cbam_add"``, whatever GraphModule or plain
+    container holds it.
+    """
+    root = type(model).__name__
+    return {name: f"{root}.{name}" for name, mod in model.named_modules() if isinstance(mod, kind) and name}
 
 
 @dataclass
@@ -78,25 +140,270 @@ class CostReport:
         return self.flops_after - self.flops_before
 
     def to_dict(self) -> dict[str, Any]:
-        def pct(a: int, b: int) -> float:
-            return round(100.0 * (b - a) / a, 4) if a else 0.0
-
         return {
             "params": {"before": self.params_before, "after": self.params_after, "delta": self.params_delta,
-                       "percent": pct(self.params_before, self.params_after)},
+                       "percent": _pct(self.params_before, self.params_after)},
             "flops": {"before": self.flops_before, "after": self.flops_after, "delta": self.flops_delta,
-                      "percent": pct(self.flops_before, self.flops_after), "unit": "MACs", "counted": FLOP_NOTE},
+                      "percent": _pct(self.flops_before, self.flops_after), "unit": "MACs", "counted": FLOP_NOTE},
         }  # fmt: skip
 
 
-def cost_report(original: nn.Module, patched: nn.Module, example_inputs: tuple[Any, ...]) -> CostReport:
-    """Count parameters and MACs of both models on the same example input."""
+def _pct(before: int, after: int) -> float:
+    return round(100.0 * (after - before) / before, 4) if before else 0.0
+
+
+def cost_report(
+    original: nn.Module, patched: nn.Module, example_inputs: tuple[Any, ...], modules: Iterable[str] | None = None
+) -> CostReport:
+    """Count parameters and MACs of both models on the same example input.
+
+    ``per_module`` covers ``modules`` (default: every CBAM module of ``patched``), e.g. the
+    ``PatchReport.modules`` a patch added.
+    """
     before, _ = count_macs(original, example_inputs)
-    after, per_site = count_macs(patched, example_inputs)
-    modules = dict(patched.named_modules())
-    per_module = {n: (count_params(modules[n]), macs) for n, macs in per_site.items()}
+    after, per_cbam = count_macs(patched, example_inputs)
+    named = dict(patched.named_modules())
+    names = list(per_cbam) if modules is None else [n for n in modules if n in named]
+    per_module = {n: (count_params(named[n]), per_cbam.get(n, 0)) for n in names}
     return CostReport(count_params(original), count_params(patched), before, after, per_module)
 
 
-def modules_added(patched: nn.Module) -> list[str]:
-    return [n for n, m in patched.named_modules() if isinstance(m, CBAM)]
+def site_cost(site: Site, cost: CostReport) -> tuple[int, int] | None:
+    """(params, MACs) of the CBAM module added at a used site: its planned name, or the newest
+    ``name_<k>`` when that name was taken by an earlier patch."""
+    if not site.used:
+        return None
+    base = site.module_name
+    candidates = [n for n in cost.per_module if n == base or (n.startswith(base + "_") and n[len(base) + 1 :].isdigit())]
+    if not candidates:
+        return None
+    return cost.per_module[max(candidates, key=lambda n: (len(n), n))]
+
+
+# ----------------------------------------------------------------------------- latency
+
+
+@dataclass
+class BenchResult:
+    """Median latency, in seconds, of the original and the patched model on one input."""
+
+    original: float
+    patched: float
+    runs: int
+    device: str
+
+    @property
+    def ratio(self) -> float:
+        return self.patched / self.original if self.original else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"original_ms": round(self.original * 1e3, 4), "patched_ms": round(self.patched * 1e3, 4),
+                "ratio": round(self.ratio, 4), "runs": self.runs, "device": self.device}  # fmt: skip
+
+
+def benchmark(
+    original: nn.Module, patched: nn.Module, example_inputs: tuple[Any, ...], runs: int = 20, budget_s: float = 20.0
+) -> BenchResult:
+    """Median eval-mode forward latency of both models, runs interleaved so drift hits both.
+
+    Stops early after ``budget_s`` seconds (at least 3 runs each).
+    """
+    device = _device_of(patched)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def once(model: nn.Module) -> float:
+        sync()
+        t0 = time.perf_counter()
+        model(*example_inputs)
+        sync()
+        return time.perf_counter() - t0
+
+    times: dict[int, list[float]] = {0: [], 1: []}
+    models = (original, patched)
+    modes = [m.training for m in models]
+    try:
+        for m in models:
+            m.eval()
+        with torch.inference_mode():
+            for m in models:  # warm-up
+                once(m)
+            start = time.perf_counter()
+            for i in range(runs):
+                for k, m in enumerate(models):
+                    times[k].append(once(m))
+                if i >= 2 and time.perf_counter() - start > budget_s:
+                    break
+    finally:
+        for m, mode in zip(models, modes):
+            m.train(mode)
+    return BenchResult(statistics.median(times[0]), statistics.median(times[1]), len(times[0]), str(device))
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------- rendering
+
+
+def _human(n: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3f} {unit}"
+    return f"{n:.0f}"
+
+
+def _signed(n: int) -> str:
+    return f"+{n:,}" if n >= 0 else f"{n:,}"
+
+
+def _site_rows(report: PatchReport, cost: CostReport | None, show_skipped: bool) -> list[tuple[Site, tuple[int, int] | None]]:
+    return [(s, site_cost(s, cost) if cost else None) for s in report.sites if s.used or show_skipped]
+
+
+def render_report(
+    report: PatchReport,
+    cost: CostReport | None,
+    *,
+    model: nn.Module | None = None,
+    show_skipped: bool = False,
+    inputs: str | None = None,
+) -> list[RenderableType]:
+    """The report as Rich renderables: the sites table, the totals table, the module tree of
+    the CBAM modules (when ``model``, the patched model, is given) and what FLOPs count.
+
+    ``show_skipped`` adds the skipped sites with the reason (the dry run's view).
+    """
+    from rich.table import Table
+    from rich.text import Text
+
+    out: list[RenderableType] = []
+    used = len(report.used)
+    skipped = len(report.sites) - used
+    title = f"CBAM sites for --after {report.after}: {used} used, {skipped} skipped"
+    table = Table(title=title, title_justify="left")
+    table.add_column("site", overflow="fold")
+    table.add_column("kind")
+    table.add_column("channels", justify="right")
+    table.add_column("spatial", justify="right")
+    table.add_column("params +", justify="right")
+    table.add_column("MACs +", justify="right")
+    if show_skipped:
+        table.add_column("used / reason", overflow="fold")
+    for site, sc in _site_rows(report, cost, show_skipped):
+        row = [
+            site.name,
+            site.kind,
+            str(site.channels) if site.channels else "-",
+            "x".join(map(str, site.spatial)) or "-",
+            f"{sc[0]:,}" if sc else "-",
+            f"{sc[1]:,}" if sc else "-",
+        ]
+        if show_skipped:
+            row.append("used" if site.used else f"skipped: {site.reason}")
+        table.add_row(*row)
+    out.append(table)
+    if skipped and not show_skipped:
+        out.append(Text(f"{skipped} site(s) skipped; --dry-run lists them with the reason", style="dim"))
+    if cost is not None:
+        totals = Table(title="Totals", title_justify="left")
+        for col in ("", "before", "after", "delta", "%"):
+            totals.add_column(col, justify="right" if col else "left")
+        totals.add_row("params", f"{cost.params_before:,}", f"{cost.params_after:,}", _signed(cost.params_delta),
+                       f"{_pct(cost.params_before, cost.params_after):+.3f}%")  # fmt: skip
+        totals.add_row("FLOPs (MACs)", _human(cost.flops_before), _human(cost.flops_after),
+                       ("+" if cost.flops_delta >= 0 else "") + _human(cost.flops_delta),
+                       f"{_pct(cost.flops_before, cost.flops_after):+.3f}%")  # fmt: skip
+        out.append(totals)
+    if model is not None and report.modules:
+        out.append(module_tree(model, report.modules, cost))
+    if report.untraced:
+        lines = "; ".join(f"{path or '<model>'}: {why}" for path, why in report.untraced)
+        out.append(Text(f"not traced (left as they are): {lines}", style="yellow"))
+    if cost is not None:
+        note = FLOP_NOTE + (f"; input {inputs}" if inputs else "") + "."
+        out.append(Text(note, style="dim"))
+    return out
+
+
+def module_tree(model: nn.Module, modules: Sequence[str], cost: CostReport | None = None) -> Any:
+    """A Rich tree of the module hierarchy down to each CBAM module, parents named by class."""
+    from rich.text import Text
+    from rich.tree import Tree
+
+    tree = Tree(Text(type(model).__name__, style="bold"))
+    nodes: dict[str, Any] = {"": tree}
+    named = dict(model.named_modules())
+    for name in modules:
+        parts = name.split(".")
+        for depth in range(1, len(parts) + 1):
+            path = ".".join(parts[:depth])
+            if path in nodes:
+                continue
+            parent = nodes[".".join(parts[: depth - 1])]
+            mod = named.get(path)
+            cls = type(mod).__name__ if mod is not None else "?"
+            if depth == len(parts):
+                extra = ""
+                if cost is not None and name in cost.per_module:
+                    p, m = cost.per_module[name]
+                    extra = f"  +{p:,} params, +{m:,} MACs"
+                label = Text.assemble((parts[-1], "bold green"), f" ({cls})", (extra, "dim"))
+            else:
+                label = Text(f"{parts[depth - 1]} ({cls})")
+            nodes[path] = parent.add(label)
+    return tree
+
+
+def render_bench(bench: BenchResult) -> Any:
+    """A small table: median latency of the original and the patched model, and the ratio."""
+    from rich.table import Table
+
+    table = Table(title=f"Latency on {bench.device} (median of {bench.runs} runs)", title_justify="left")
+    table.add_column("original", justify="right")
+    table.add_column("patched", justify="right")
+    table.add_column("ratio", justify="right")
+    table.add_row(f"{bench.original * 1e3:.3f} ms", f"{bench.patched * 1e3:.3f} ms", f"{bench.ratio:.3f}x")
+    return table
+
+
+def report_dict(
+    report: PatchReport,
+    cost: CostReport | None,
+    *,
+    output: str | None = None,
+    inputs: Any = None,
+    bench: BenchResult | None = None,
+    dry_run: bool = False,
+) -> dict[str, Any]:
+    """The report as plain JSON data (the CLI's ``--json``); counts are integers."""
+    sites = []
+    for s in report.sites:
+        entry = s.to_dict()
+        sc = site_cost(s, cost) if cost else None
+        entry["spatial"] = list(s.spatial)
+        entry["params"] = sc[0] if sc else None
+        entry["flops"] = sc[1] if sc else None
+        sites.append(entry)
+    data: dict[str, Any] = {
+        "after": report.after,
+        "sites": sites,
+        "used": len(report.used),
+        "skipped": len(report.sites) - len(report.used),
+    }
+    if cost is not None:
+        data.update(cost.to_dict())
+    else:
+        data.update({"params": None, "flops": None})
+    data.update({
+        "modules": list(report.modules),
+        "traced": list(report.traced),
+        "untraced": [{"path": p, "reason": r} for p, r in report.untraced],
+        "input": inputs,
+        "bench": bench.to_dict() if bench else None,
+        "dry_run": dry_run,
+        "output": output,
+    })  # fmt: skip
+    return data
