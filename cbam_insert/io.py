@@ -145,8 +145,14 @@ class SafePickle:
 
     def check(self) -> None:
         """Fill ``allowed`` and ``refused`` from the file; raise ``CBAMInsertError`` when it is unreadable."""
+        data = _pickle_bytes(self.path)
+        if data[:1] == b"\x80" and len(data) > 1 and data[1] > 3:
+            raise CBAMInsertError(
+                f"{self.path}: written with pickle protocol {data[1]}, which PyTorch's safe loader cannot read; "
+                f"re-save it with torch.save's default protocol, or {_TRUST_HINT}"
+            )
         unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(str(self.path)))
-        scan = _scan(_pickle_bytes(self.path))
+        scan = _scan(data)
         module_classes: dict[str, type] = {}
         helpers: dict[str, Any] = {}
         for full, (mod, name) in sorted(scan.globals.items()):

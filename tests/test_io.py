@@ -203,6 +203,13 @@ def test_user_module_class_and_layer_partial_load_without_trust(tmp_path):
     assert torch.equal(loaded(X), net(X))
 
 
+def test_a_newer_pickle_protocol_is_named_not_called_corrupt(tmp_path):
+    torch.save(nn.Conv2d(3, 4, 3), tmp_path / "m.pt", pickle_protocol=4)
+    msg = _one_line_error(load_model, tmp_path / "m.pt")
+    assert "protocol 4" in msg and "--trust" in msg
+    assert isinstance(load_model(tmp_path / "m.pt", trust=True), nn.Conv2d)
+
+
 def test_resnet_saved_with_torch_save_loads_without_trust(resnet, tmp_path):
     torch.save(resnet, tmp_path / "r.pt")
     loaded = load_model(tmp_path / "r.pt")
