@@ -101,6 +101,9 @@ def _adopt_tree(gm: fx.GraphModule, root: nn.Module) -> None:
             gm._buffers[name] = buf
             if name in root._non_persistent_buffers_set:
                 gm._non_persistent_buffers_set.add(name)
+    for name in gm._buffers:
+        if name not in root._buffers:  # a constant the tracer lifted out of forward (_tensor_constant0)
+            gm._non_persistent_buffers_set.add(name)
 
 
 def _insert(graph: fx.Graph, site: Site, name: str) -> int:
