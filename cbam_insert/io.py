@@ -36,6 +36,7 @@ import tempfile
 import warnings
 import zipfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -230,17 +231,17 @@ def _installed_packages() -> frozenset[str]:
     return frozenset(packages_distributions())
 
 
+@dataclass
 class _Scan:
     """What a pickle references (``GLOBAL``), which of those it calls (``REDUCE``), what partials wrap.
 
     ``globals`` maps each reference as written to its Python 3 ``(module, name)``.
     """
 
-    def __init__(self) -> None:
-        self.globals: dict[str, tuple[str, str]] = {}
-        self.called: set[str] = set()
-        self.partial_funcs: set[str] = set()
-        self.partial_unknown = False
+    globals: dict[str, tuple[str, str]] = field(default_factory=dict)
+    called: set[str] = field(default_factory=set)
+    partial_funcs: set[str] = field(default_factory=set)
+    partial_unknown: bool = False
 
 
 TORCHVISION_HELPERS = frozenset({
@@ -309,11 +310,10 @@ def _scan(data: bytes) -> _Scan:
                 state = stack.pop()
                 if stack[-1] == ("partial",):
                     _partial_target(scan, state)
-            elif name in ("APPEND", "BINPERSID"):
-                if name == "APPEND":
-                    stack.pop()
-                else:
-                    stack[-1] = ("value",)
+            elif name == "APPEND":
+                stack.pop()
+            elif name == "BINPERSID":
+                stack[-1] = ("value",)
             elif name == "SETITEM":
                 del stack[-2:]
             elif name in ("APPENDS", "SETITEMS"):
@@ -676,12 +676,6 @@ def _atomic(path: Path) -> Iterator[str]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-
-
-def atomic_write(path: str | Path, write: Callable[[str], Any]) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path``; on any failure remove the temporary file."""
-    with _atomic(Path(path)) as tmp:
-        write(tmp)
 
 
 def _recipe(model: nn.Module) -> dict[str, Any] | None:
