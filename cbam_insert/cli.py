@@ -266,6 +266,12 @@ def main_command(
 
     FLOPs are multiply-accumulates of convolutions and matrix products (torchvision's convention).
     """
+    if source is None and weights is None:
+        raise typer.BadParameter(
+            "none given; pass a model file or torchvision:NAME (or --weights FILE --arch SPEC)", param_hint="SOURCE"
+        )
+    if source is not None and weights is not None:
+        raise typer.BadParameter("give the weights file either as SOURCE or as --weights, not both", param_hint="--weights")
     try:
         _run(
             source=source, after=after, include=include, exclude=exclude, stages=stages, every=every,
@@ -329,12 +335,6 @@ def _run(
 ) -> None:
     from rich.console import Console
 
-    if source is not None and weights is not None:
-        raise CBAMInsertError("give the weights file either as SOURCE or as --weights, not both")
-    if source is None and weights is None:
-        raise CBAMInsertError(
-            "missing SOURCE: a model file or torchvision:NAME (or --weights FILE --arch torchvision:NAME)"
-        )
     if weights is not None and arch is None:
         raise CBAMInsertError("--weights needs --arch, e.g. --arch torchvision:resnet50 --weights w.pth")
     src = str(weights) if weights is not None else str(source)
@@ -359,57 +359,69 @@ def _run(
         if not out.parent.exists():
             raise CBAMInsertError(f"output directory {out.parent} does not exist")
 
+    selection: dict[str, Any] = {
+        "include": include or None, "exclude": exclude or None, "stages": stage_range, "every": every,
+        "max_sites": max_sites, "min_channels": min_channels,
+    }  # fmt: skip
     stdout_tty = sys.stdout.isatty()
-    console = Console(highlight=False, width=None if stdout_tty or "COLUMNS" in os.environ else 120)
-    show = not (quiet or as_json)
+    console = Console(highlight=False, width=None if stdout_tty or "COLUMNS" in os.environ else 1000)
     with _progress(not quiet and stdout_tty and sys.stderr.isatty()) as step:
         import torch
 
-        from .api import describe_inputs, insert_cbam, make_inputs
+        from .api import PatchReport, describe_inputs, find_sites, insert_cbam, make_inputs
         from .report import benchmark, cost_report, render_bench, render_report, report_dict
 
         with step(f"loading {src}"):
-            model = load_model(src, arch=arch, trust=trust)
-        model = model.to(dev)
+            model = load_model(src, arch=arch, trust=trust).to(dev)
         inputs = None
         if shape is not None:
-            gen = torch.Generator().manual_seed(0)
-            inputs = (torch.rand(*shape, generator=gen).to(dev),)
+            inputs = (torch.rand(*shape, generator=torch.Generator().manual_seed(0)).to(dev),)
+        patched = cost = timing = example = None
+        why_none = ""
         with step("tracing and inserting CBAM"):
-            patched = insert_cbam(
-                model, after=after, example_inputs=inputs, include=include or None, exclude=exclude or None,
-                stages=stage_range, every=every, max_sites=max_sites, min_channels=min_channels,
-                allow_repatch=repatch, seed=seed, **cbam,
-            )  # fmt: skip
-        report = patched.cbam_report
-        spec = patched.cbam_recipe["steps"][-1]["example_inputs"]
-        example = make_inputs(spec, device=dev)
-        with step("counting parameters and FLOPs"):
-            cost = cost_report(model, patched, example, modules=report.modules)
-        timing = None
-        if bench:
-            with step("timing original and patched model"):
-                timing = benchmark(model, patched, example)
-        shape_text = _describe_shape(describe_inputs(example))
-        if show:
+            try:
+                patched = insert_cbam(
+                    model, after=after, example_inputs=inputs, allow_repatch=repatch, seed=seed, **selection, **cbam
+                )
+                report = patched.cbam_report
+            except CBAMInsertError as exc:
+                if not dry_run:
+                    raise
+                sites = find_sites(model, after, inputs, **selection)
+                if any(s.used for s in sites):
+                    raise
+                report, why_none = PatchReport(after, sites, [], [], []), _one_line(exc)
+        if patched is not None:
+            spec = patched.cbam_recipe["steps"][-1]["example_inputs"]
+            example = make_inputs(spec, device=dev)
+            with step("counting parameters and FLOPs"):
+                cost = cost_report(model, patched, example, modules=report.modules)
+            if bench:
+                with step("timing the original and the patched model"):
+                    timing = benchmark(model, patched, example)
+        if not (quiet or as_json):
+            shape_text = _describe_shape(describe_inputs(example)) if example is not None else None
             for renderable in render_report(report, cost, model=patched, show_skipped=dry_run, inputs=shape_text):
-                console.print(renderable, soft_wrap=False)
+                console.print(renderable)
             if timing is not None:
                 console.print(render_bench(timing))
-        if out is not None:
+        if out is not None and patched is not None:
             with step(f"saving {out}"):
                 if dev.type != "cpu":
-                    patched = patched.to("cpu")
-                    example = make_inputs(spec)
+                    patched, example = patched.to("cpu"), make_inputs(spec)
                 save_model(patched, out, fmt, example_inputs=example, force=force)
     if as_json:
-        data = report_dict(report, cost, output=str(out) if out else None, inputs=describe_inputs(example),
-                           bench=timing, dry_run=dry_run)  # fmt: skip
+        data = report_dict(report, cost, output=str(out) if out else None, bench=timing, dry_run=dry_run,
+                           inputs=describe_inputs(example) if example is not None else None)  # fmt: skip
         data["source"] = src
+        if why_none:
+            data["error"] = why_none
         sys.stdout.write(json.dumps(data, indent=2) + "\n")
     elif quiet:
         if out is not None:
             sys.stdout.write(f"{out}\n")
+    elif why_none:
+        console.print(f"dry run, nothing written: {why_none}", soft_wrap=True)
     elif out is not None:
         console.print(f"saved {len(report.modules)} CBAM module(s) to {out}", soft_wrap=True)
     else:
