@@ -199,7 +199,8 @@ def insert_cbam(
     if unknown:
         raise CBAMInsertError(f"unknown CBAM option(s) {', '.join(unknown)}; valid: {', '.join(CBAM_OPTIONS)}")
     try:
-        CBAM(16, **cbam_options)
+        with torch.device("meta"):  # validates the options without drawing from the global RNG
+            CBAM(16, **cbam_options)
     except (ValueError, TypeError) as exc:
         raise CBAMInsertError(str(exc)) from exc
     sel = _selection(include, exclude, stages, every, max_sites, min_channels)
