@@ -248,6 +248,8 @@ _REAL_BUILD = {"ssdlite320_mobilenet_v3_large"}  # its __init__ mixes real and n
 @pytest.mark.slow
 @pytest.mark.parametrize(("group", "name"), ZOO, ids=[n for _, n in ZOO])
 def test_every_torchvision_model_loads_without_trust(tmp_path, group, name):
+    """The pickle names the same classes whatever the weights are, so weights on the meta device keep
+    the sweep fast (regnet_y_128gf, vit_h_14 included); ``test_real_weights_…`` covers real tensors."""
     kwargs = {"weights": None} | ({"weights_backbone": None} if group in ("segmentation", "detection") else {})
     with contextlib.nullcontext() if name in _REAL_BUILD else _meta_parameters():
         model = tvm.get_model(name, **kwargs)
@@ -256,6 +258,17 @@ def test_every_torchvision_model_loads_without_trust(tmp_path, group, name):
     assert type(loaded) is type(model)
     assert [type(m) for m in loaded.modules()] == [type(m) for m in model.modules()]
     assert loaded.state_dict().keys() == model.state_dict().keys()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "kwargs"), [("vit_b_32", {}), ("lraspp_mobilenet_v3_large", {"weights_backbone": None}),
+                                              ("s3d", {})])  # fmt: skip
+def test_real_weights_of_each_group_load_without_trust(tmp_path, name, kwargs):
+    model = tvm.get_model(name, weights=None, **kwargs)
+    torch.save(model, tmp_path / "m.pt")
+    loaded = load_model(tmp_path / "m.pt")
+    ref = model.state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in loaded.state_dict().items())
 
 
 @pytest.mark.slow
