@@ -27,12 +27,14 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
-__all__ = ["CBAM", "ORDERS", "POOL_TYPES", "VARIANTS", "ChannelAttention", "SpatialAttention"]
+__all__ = ["CBAM", "INITS", "ORDERS", "POOL_TYPES", "VARIANTS", "ChannelAttention", "SpatialAttention"]
 
 POOL_TYPES = ("avg", "max", "lp", "lse")
 ORDERS = ("channel_first", "spatial_first", "parallel")
@@ -48,6 +50,12 @@ def _check_positive_int(name: str, value: object) -> int:
     return value
 
 
+def _check_bool(name: str, value: object, optional: bool = False) -> None:
+    if not (isinstance(value, bool) or (optional and value is None)):
+        allowed = "True, False or None" if optional else "True or False"
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+
+
 def _check_dims(dims: object) -> int:
     if dims not in (1, 2, 3) or isinstance(dims, bool):
         raise ValueError(f"dims must be 1, 2 or 3 (for (N,C,L), (N,C,H,W), (N,C,T,H,W)), got {dims!r}")
@@ -57,9 +65,11 @@ def _check_dims(dims: object) -> int:
 def _check_input(x: torch.Tensor, channels: int, dims: int, what: str) -> None:
     if x.dim() != dims + 2 or x.shape[1] != channels:
         expected = "(N, " + str(channels) + ", " + ", ".join(["*"] * dims) + ")"
-        raise ValueError(
-            what + " expects input of shape " + expected + ", got " + str(list(x.shape))
-        )
+        raise ValueError(what + " expects input of shape " + expected + ", got " + str(list(x.shape)))
+
+
+def _spatial_dims(x: torch.Tensor) -> list[int]:
+    return list(range(2, x.dim()))
 
 
 class ChannelAttention(nn.Module):
@@ -68,7 +78,7 @@ class ChannelAttention(nn.Module):
     The pooled descriptors of all ``pool_types`` are stacked and go through the shared MLP in
     one call. ``lp`` is the L2 norm over spatial positions and ``lse`` the log-sum-exp, as in
     the authors' released code. The hidden width is ``hidden`` when given, else
-    ``max(1, channels // reduction)``, so it is never 0.
+    ``max(1, channels // reduction)``, so it is never 0. Works for any number of spatial dims.
     """
 
     def __init__(
@@ -84,37 +94,50 @@ class ChannelAttention(nn.Module):
         _check_positive_int("reduction", reduction)
         if hidden is not None:
             _check_positive_int("hidden", hidden)
+        _check_bool("mlp_bias", bias)
         if isinstance(pool_types, str):
             pool_types = (pool_types,)
-        pool_types = tuple(pool_types)
+        try:
+            pool_types = tuple(pool_types)
+        except TypeError:
+            raise TypeError(f"pool_types must be a sequence of names from {POOL_TYPES}, got {pool_types!r}") from None
         if not pool_types:
             raise ValueError(f"pool_types must name at least one of {POOL_TYPES}")
         for p in pool_types:
             if p not in POOL_TYPES:
                 raise ValueError(f"pool_types: unknown pooling type {p!r}; choose from {POOL_TYPES}")
+        if len(set(pool_types)) != len(pool_types):
+            raise ValueError(f"pool_types must not repeat a pooling type, got {pool_types!r}")
         self.pool_types: list[str] = list(pool_types)
         self.hidden = hidden if hidden is not None else max(1, channels // reduction)
         self.fc1 = nn.Linear(channels, self.hidden, bias=bias)
         self.fc2 = nn.Linear(self.hidden, channels, bias=bias)
 
-    def _pool(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.flatten(2)
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, hidden={self.hidden}, pool_types={self.pool_types}"
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """The descriptors of ``pool_types``, stacked: (len(pool_types), N, C)."""
+        dims = _spatial_dims(x)
         pooled: list[torch.Tensor] = []
         for p in self.pool_types:
             if p == "avg":
-                pooled.append(flat.mean(dim=2))
+                pooled.append(x.mean(dim=dims))
             elif p == "max":
-                pooled.append(flat.amax(dim=2))
+                pooled.append(x.amax(dim=dims))
             elif p == "lp":
-                pooled.append(torch.linalg.vector_norm(flat, ord=2, dim=2))
+                pooled.append(torch.linalg.vector_norm(x, ord=2, dim=dims))
             else:
-                pooled.append(torch.logsumexp(flat, dim=2))
+                pooled.append(torch.logsumexp(x, dim=dims))
         return torch.stack(pooled, dim=0)
+
+    def head(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Pre-sigmoid channel scores (N, C) from the stacked descriptors: one MLP call for all."""
+        return self.fc2(F.relu(self.fc1(pooled))).sum(dim=0)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The pre-sigmoid channel scores, (N, C)."""
-        hidden = F.relu(self.fc1(self._pool(x)))
-        return self.fc2(hidden).sum(dim=0)
+        return self.head(self.pool(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.logits(x))
@@ -125,7 +148,8 @@ class SpatialAttention(nn.Module):
 
     A 2-in, 1-out convolution with an odd ``kernel_size`` and padding ``kernel_size // 2`` keeps
     the map's size. ``order="mean_max"`` is the seed's input order; the authors' code stacks
-    ``[max ; mean]`` and puts a BatchNorm after the convolution (``norm=True``).
+    ``[max ; mean]`` and puts a BatchNorm (eps 1e-5, momentum 0.01) after the convolution
+    (``norm=True``).
     """
 
     def __init__(
@@ -137,33 +161,178 @@ class SpatialAttention(nn.Module):
         order: str = "mean_max",
     ) -> None:
         super().__init__()
-        if (
-            isinstance(kernel_size, bool)
-            or not isinstance(kernel_size, int)
-            or kernel_size < 1
-            or kernel_size % 2 == 0
-        ):
+        if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be an odd integer >= 1, got {kernel_size!r}")
         if order not in ("mean_max", "max_mean"):
             raise ValueError(f"order must be 'mean_max' or 'max_mean', got {order!r}")
+        _check_bool("spatial_norm", norm)
         self.dims = _check_dims(dims)
         self.kernel_size = kernel_size
         self.max_first = order == "max_mean"
         self.conv = _CONVS[self.dims](2, 1, kernel_size, padding=kernel_size // 2, bias=bias)
         self.norm = _NORMS[self.dims](1, eps=1e-5, momentum=0.01) if norm else None
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """The pre-sigmoid spatial map, (N, 1, *spatial)."""
-        mean = x.mean(dim=1, keepdim=True)
-        mx = x.amax(dim=1, keepdim=True)
-        pooled = torch.cat([mx, mean] if self.max_first else [mean, mx], dim=1)
+    def extra_repr(self) -> str:
+        return (
+            f"kernel_size={self.kernel_size}, dims={self.dims}, order={'max_mean' if self.max_first else 'mean_max'!r}"
+        )
+
+    def stack(self, mean: torch.Tensor, mx: torch.Tensor) -> torch.Tensor:
+        """The conv's 2-channel input from the channel mean and max, each (N, 1, *spatial)."""
+        return torch.cat([mx, mean] if self.max_first else [mean, mx], dim=1)
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """``[mean_c x ; max_c x]`` (or ``[max ; mean]``), (N, 2, *spatial)."""
+        return self.stack(x.mean(dim=1, keepdim=True), x.amax(dim=1, keepdim=True))
+
+    def head(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Pre-sigmoid map (N, 1, *spatial) from the pooled 2-channel input."""
         out = self.conv(pooled)
         if self.norm is not None:
             out = self.norm(out)
         return out
 
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The pre-sigmoid spatial map, (N, 1, *spatial)."""
+        return self.head(self.pool(x))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.logits(x))
+
+
+def _channel_weighted_sum(t: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """``sum_c a[n, c] * t[n, c, ...]`` as (N, 1, *spatial), one pass over ``t``."""
+    n, c = t.shape[0], t.shape[1]
+    if t.is_contiguous():
+        out = torch.bmm(a.unsqueeze(1), t.view(n, c, -1))
+        return out.view([n, 1] + list(t.shape[2:]))
+    return (t * a.view([n, c] + [1] * (t.dim() - 2))).sum(dim=1, keepdim=True)
+
+
+def _tracing() -> bool:
+    """True under tracing, torch.compile and export, where plain ops give the cleanest graph."""
+    return (
+        torch.jit.is_tracing()
+        or torch.compiler.is_compiling()
+        or torch.compiler.is_exporting()
+        or torch.onnx.is_in_onnx_export()
+    )
+
+
+@torch.jit.unused
+def _channel_max_eager(x: torch.Tensor) -> torch.Tensor:
+    """``x.amax(dim=1, keepdim=True)``, by a tree of elementwise maxima when maps are small.
+
+    The reduction kernel vectorises along the contiguous spatial positions; for maps of a few
+    dozen positions (7x7) that is several times slower than halving the channels with
+    ``torch.maximum``, which gives bit-identical results.
+    """
+    if _tracing() or x.shape[1] < 4 or x[0, 0].numel() >= 256 or not x.is_contiguous():
+        return x.amax(dim=1, keepdim=True)
+    while x.shape[1] > 1:
+        half = (x.shape[1] + 1) // 2  # for an odd count the middle channel is in both halves
+        x = torch.maximum(x[:, :half], x[:, x.shape[1] - half :])
+    return x
+
+
+class _CBAMFunction(torch.autograd.Function):
+    """Channel-then-spatial CBAM with avg+max channel pooling, for training in eager mode.
+
+    Autograd on the plain formulation keeps F' and several full-size temporaries alive until
+    backward. This function keeps only the input and per-sample vectors and maps (the channel
+    gate, the spatial gate, the two max descriptors), and computes the gradient in a handful
+    of passes over the feature map, recomputing ``F' = Mc * F`` where it needs it. The small
+    parts (MLP, spatial conv, norm, sigmoids) run through ordinary autograd on their own
+    little graph, built in forward from detached descriptors, so batch-norm statistics are
+    updated exactly once and any parameter change in those parts keeps working.
+
+    The maths is the plain path's, ties included: a max shares its gradient equally among
+    tied positions, as ``amax`` does.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, module: CBAM, *params: torch.Tensor) -> torch.Tensor:
+        cg, sg = module.channel_gate, module.spatial_gate
+        assert cg is not None and sg is not None
+        n, c = x.shape[0], x.shape[1]
+        sdims = _spatial_dims(x)
+        avg = x.mean(dim=sdims)
+        cmax = x.amax(dim=sdims)
+        avg_first = cg.pool_types[0] == "avg"
+        pooled_c = torch.stack([avg, cmax] if avg_first else [cmax, avg], dim=0)
+        with torch.enable_grad():
+            pooled_c.requires_grad_()
+            gate_c = torch.sigmoid(cg.head(pooled_c))
+        a = gate_c.detach()
+        refined = x * a.view([n, c] + [1] * len(sdims))
+        smax = _channel_max_eager(refined)
+        pooled_s = sg.stack(refined.mean(dim=1, keepdim=True), smax)
+        with torch.enable_grad():
+            pooled_s.requires_grad_()
+            gate_s = torch.sigmoid(sg.head(pooled_s))
+        ms = gate_s.detach()
+        out = refined.mul_(ms)
+        ctx.save_for_backward(x, a, ms, smax, cmax)
+        ctx.small = (pooled_c, gate_c, pooled_s, gate_s, avg_first, sg.max_first)
+        ctx.params_c = [p for p in cg.parameters() if p.requires_grad]
+        ctx.params_s = [p for p in sg.parameters() if p.requires_grad]
+        ctx.param_ids = [id(p) for p in params]
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, a, ms, smax, cmax = ctx.saved_tensors
+        pooled_c, gate_c, pooled_s, gate_s, avg_first, max_first = ctx.small
+        n, c = x.shape[0], x.shape[1]
+        sdims = _spatial_dims(x)
+        a_b = a.view([n, c] + [1] * len(sdims))
+        grad = grad.contiguous(memory_format=_memory_format(x))
+
+        # dL/dMs = sum_c grad * F'
+        buf = grad * x
+        grad_ms = _channel_weighted_sum(buf, a)
+        grads_s = torch.autograd.grad(gate_s, [pooled_s] + ctx.params_s, grad_ms, retain_graph=True, allow_unused=True)
+        g_mean, g_max = grads_s[0].unbind(1)
+        if max_first:
+            g_mean, g_max = g_max, g_mean
+
+        # dL/dF' = grad * Ms + dmean/C + (max indicator / ties) * dmax, built in ``buf``
+        torch.mul(x, a_b, out=buf)
+        torch.eq(buf, smax, out=buf)
+        ties = buf.sum(dim=1, keepdim=True)
+        torch.addcmul((g_mean / c).unsqueeze(1), buf, g_max.unsqueeze(1) / ties, out=buf)
+        buf.addcmul_(grad, ms)
+
+        # dL/dMc = sum_p dL/dF' * F
+        prod = buf * x
+        grad_a = prod.sum(dim=sdims)
+        grads_c = torch.autograd.grad(gate_c, [pooled_c] + ctx.params_c, grad_a, retain_graph=True, allow_unused=True)
+
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            # dL/dF = Mc * dL/dF' + davg/P + (max indicator / ties) * dmax
+            g_avg, g_cmax = grads_c[0].unbind(0)
+            if not avg_first:
+                g_avg, g_cmax = g_cmax, g_avg
+            bshape = [n, c] + [1] * len(sdims)
+            grad_x = torch.eq(x, cmax.view(bshape), out=prod)
+            ties_c = grad_x.sum(dim=sdims, keepdim=True)
+            grad_x.mul_(g_cmax.view(bshape) / ties_c)
+            grad_x.add_((g_avg / x[0, 0].numel()).view(bshape))
+            grad_x.addcmul_(buf, a_b)
+
+        by_id = {id(p): g for p, g in zip(ctx.params_c, grads_c[1:])}
+        by_id.update({id(p): g for p, g in zip(ctx.params_s, grads_s[1:])})
+        return (grad_x, None) + tuple(by_id.get(i) for i in ctx.param_ids)
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
 
 
 class CBAM(nn.Module):
@@ -188,12 +357,19 @@ class CBAM(nn.Module):
     * ``init``: ``"default"`` (PyTorch's initialisation) or ``"identity"``.
 
     Identity init: the module gets a learnable scalar gate ``gamma`` initialised to 0 and
-    returns ``F + gamma * (CBAM(F) - F)``. At ``gamma = 0`` the output is exactly F in train
-    and in eval mode, whatever the other weights are (so batch-norm statistics do not matter),
-    and the gradient of ``gamma`` is ``<dL/dF'', CBAM(F) - F>``, which is not zero: the first
-    optimizer step moves ``gamma`` and from then on every other parameter receives gradient.
-    This is the zero-initialised residual gate used to add blocks to pretrained networks
-    (ReZero, LayerScale); the attention maths inside is unchanged. The gate adds one parameter.
+    returns ``F + gamma * (CBAM(F) - F)`` (``torch.lerp``). At ``gamma = 0`` the output is
+    exactly F in train and in eval mode, whatever the other weights are (so batch-norm
+    statistics do not matter), and the gradient of ``gamma`` is ``<dL/dF'', CBAM(F) - F>``,
+    which is not zero: the first optimizer step moves ``gamma`` and from then on every other
+    parameter receives gradient. This is the zero-initialised residual gate used to add blocks
+    to pretrained networks (ReZero, LayerScale); the attention maths inside is unchanged. The
+    gate adds one parameter.
+
+    Speed: the paper's configuration (channel then spatial, avg+max pooling, either variant)
+    takes a fused path. Without autograd it makes one full-size tensor and scales it in place;
+    in eager training a custom autograd function keeps only the input and small per-sample
+    tensors for backward. Under TorchScript, tracing, ``torch.compile`` and export the same maths
+    runs as plain tensor ops.
     """
 
     def __init__(
@@ -222,6 +398,10 @@ class CBAM(nn.Module):
             raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        _check_bool("channel", channel)
+        _check_bool("spatial", spatial)
+        _check_bool("mlp_bias", mlp_bias, optional=True)
+        _check_bool("spatial_norm", spatial_norm, optional=True)
         if not (channel or spatial):
             raise ValueError("channel and spatial cannot both be False: CBAM would do nothing")
         official = variant == "official"
@@ -249,7 +429,7 @@ class CBAM(nn.Module):
             if spatial
             else None
         )
-        # the fast path below is valid for the paper's avg+max pooling only
+        # the fused paths are valid for the paper's avg+max pooling, channel then spatial
         self._fast = (
             self.channel_gate is not None
             and self.spatial_gate is not None
@@ -261,20 +441,27 @@ class CBAM(nn.Module):
     def extra_repr(self) -> str:
         return f"channels={self.channels}, dims={self.dims}, variant={self.variant!r}, order={self.order!r}"
 
+    def _attend_fast(self, x: torch.Tensor) -> torch.Tensor:
+        cg = self.channel_gate
+        sg = self.spatial_gate
+        assert cg is not None and sg is not None
+        shape: list[int] = [x.shape[0], self.channels] + [1] * self.dims
+        refined = x * torch.sigmoid(cg.logits(x)).view(shape)
+        if torch.jit.is_scripting():
+            smax = refined.amax(dim=1, keepdim=True)
+        else:
+            smax = _channel_max_eager(refined)
+        ms = torch.sigmoid(sg.head(sg.stack(refined.mean(dim=1, keepdim=True), smax)))
+        if torch.is_grad_enabled() and (refined.requires_grad or ms.requires_grad):
+            return refined * ms
+        # nothing records F', so the output can reuse its memory
+        return refined.mul_(ms)
+
     def _attend(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
         shape: list[int] = [n, self.channels] + [1] * self.dims
         cg = self.channel_gate
         sg = self.spatial_gate
-        if self._fast and cg is not None and sg is not None:
-            # one MLP call for both descriptors, and F' is scaled in place when no graph
-            # needs it, so the whole module makes two full-size tensors instead of five
-            mc = torch.sigmoid(cg.logits(x)).view(shape)
-            refined = x * mc
-            ms = torch.sigmoid(sg.logits(refined))
-            if torch.is_grad_enabled() and (refined.requires_grad or ms.requires_grad):
-                return refined * ms
-            return refined.mul_(ms)
         if self.order == "parallel":
             out = x
             if cg is not None:
@@ -291,12 +478,29 @@ class CBAM(nn.Module):
             out = out * sg(out)
         return out
 
+    @torch.jit.unused
+    def _attend_autograd_function(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The custom-autograd training path, or None where plain ops must be used."""
+        if not torch.is_grad_enabled() or _tracing() or type(x) is not torch.Tensor:
+            return None
+        params = [p for p in self.parameters() if p is not self.gamma]
+        if not (x.requires_grad or any(p.requires_grad for p in params)):
+            return None
+        return _CBAMFunction.apply(x, self, *params)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(x, self.channels, self.dims, "CBAM")
-        out = self._attend(x)
+        if self._fast:
+            out: torch.Tensor | None = None
+            if not torch.jit.is_scripting():
+                out = self._attend_autograd_function(x)
+            if out is None:
+                out = self._attend_fast(x)
+        else:
+            out = self._attend(x)
         gamma = self.gamma
         if gamma is not None:
-            return x + gamma.to(x.dtype) * (out - x)
+            return torch.lerp(x, out, gamma.to(x.dtype))
         return out
 
 

@@ -1,0 +1,268 @@
+"""Time and measure cbam_insert.CBAM against the seed's formulation and timm's CbamModule.
+
+Run from the repository root::
+
+    python benchmarks/bench_module.py            # full run, the shapes of issue 3
+    python benchmarks/bench_module.py --quick    # a few seconds: tiny shapes, 2 repetitions
+
+What is measured, per shape (N, C, H, W), on the CPU:
+
+* ``fwd``: one inference forward (``eval()``, ``torch.no_grad()``).
+* ``fwd+bwd``: one training step of the module alone (``train()``, the input requires grad,
+  ``out.backward(g)`` with a fixed random ``g``), parameter gradients included.
+* ``peak MB``: the most bytes held at once by tensors *created* during one fwd+bwd (activations
+  kept for backward, temporaries, the output, every gradient), counted by a dispatch mode that
+  sees each new storage and a weak reference that sees it freed. The input and the parameters
+  are not counted (they exist either way). This is the module's own share of training memory.
+* ``saved MB``: bytes kept between forward and backward (``saved_tensors_hooks``), the part
+  that accumulates over the depth of a network; the input and the parameters are not counted.
+
+Times are medians over interleaved repetitions (every implementation runs once per round, in
+turn, so drifting machine load hits all of them alike). With one intra-op thread (the default)
+the clock is the benchmark thread's CPU time, which other processes on a shared machine do not
+inflate; with more threads it is wall time. Ratios are to the seed.
+
+The seed's formulation is written here from DESIGN.md section 1: AdaptiveAvgPool2d and
+AdaptiveMaxPool2d, two bias-free 1x1 convolutions applied to each descriptor separately,
+``torch.mean`` / ``torch.max`` over channels, ``torch.cat``, a bias-free k x k convolution and
+sigmoids. It gets the same weights as the cbam_insert module, and the two outputs are checked
+to agree before timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import weakref
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cbam_insert import CBAM
+
+FULL_SHAPES = [(8, 256, 56, 56), (8, 512, 28, 28), (8, 2048, 7, 7), (1, 256, 56, 56)]
+QUICK_SHAPES = [(2, 64, 14, 14), (2, 128, 7, 7)]
+
+
+class SeedCBAM(nn.Module):
+    """The seed's CBAM, op for op as DESIGN.md section 1 describes it."""
+
+    def __init__(self, channels: int, reduction: int = 16, kernel_size: int = 7) -> None:
+        super().__init__()
+        hidden = max(1, channels // reduction)
+        self.avg_pool = nn.AdaptiveAvgPool2d(1)
+        self.max_pool = nn.AdaptiveMaxPool2d(1)
+        self.fc1 = nn.Conv2d(channels, hidden, 1, bias=False)
+        self.fc2 = nn.Conv2d(hidden, channels, 1, bias=False)
+        self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
+
+    def mlp(self, v: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.relu(self.fc1(v)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x * torch.sigmoid(self.mlp(self.avg_pool(x)) + self.mlp(self.max_pool(x)))
+        mean = torch.mean(x, dim=1, keepdim=True)
+        mx, _ = torch.max(x, dim=1, keepdim=True)
+        return x * torch.sigmoid(self.conv(torch.cat([mean, mx], dim=1)))
+
+
+def seed_from(module: CBAM) -> SeedCBAM:
+    """A seed module with the same weights as ``module`` (a default ``CBAM(C)``)."""
+    cg, sg = module.channel_gate, module.spatial_gate
+    assert cg is not None and sg is not None
+    seed = SeedCBAM(module.channels, kernel_size=sg.kernel_size)
+    with torch.no_grad():
+        seed.fc1.weight.copy_(cg.fc1.weight[:, :, None, None])
+        seed.fc2.weight.copy_(cg.fc2.weight[:, :, None, None])
+        seed.conv.weight.copy_(sg.conv.weight)
+    return seed
+
+
+def timm_cbam(channels: int) -> nn.Module | None:
+    """timm's CbamModule (its spatial conv is followed by a BatchNorm), or None without timm."""
+    try:
+        from timm.layers.cbam import CbamModule
+    except ImportError:
+        return None
+    return CbamModule(channels)
+
+
+class LiveBytes(TorchDispatchMode):
+    """Tracks bytes of storages created under it until they are freed; remembers the peak."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._sizes: dict[int, int] = {}
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                key, size = storage.data_ptr(), storage.nbytes()
+                if size and key not in self._sizes:
+                    self._sizes[key] = size
+                    self.live += size
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(storage, self._free, key)
+        return out
+
+    def _free(self, key: int) -> None:
+        self.live -= self._sizes.pop(key, 0)
+
+
+def training_memory(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> tuple[int, int]:
+    """(peak bytes created during one fwd+bwd, bytes saved for backward), input not counted."""
+    module.train()
+    module.zero_grad(set_to_none=True)
+    xg = x.detach().requires_grad_()
+    saved: dict[int, int] = {}
+    exclude = {xg.untyped_storage().data_ptr()} | {p.untyped_storage().data_ptr() for p in module.parameters()}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in exclude:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with LiveBytes() as live:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = module(xg)
+        out.backward(grad)
+        del out
+    module.zero_grad(set_to_none=True)
+    return live.peak, sum(saved.values())
+
+
+def forward_fn(module: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    def run() -> None:
+        with torch.no_grad():
+            module(x)
+
+    return run
+
+
+def train_fn(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> Callable[[], None]:
+    xg = x.detach().requires_grad_()
+
+    def run() -> None:
+        module(xg).backward(grad)
+        xg.grad = None
+        module.zero_grad(set_to_none=True)
+
+    return run
+
+
+def interleaved_medians(fns: dict[str, Callable[[], None]], reps: int, clock: Callable[[], float]) -> dict[str, float]:
+    """Median milliseconds of each function, all run once per round, in turn."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            start = clock()
+            fn()
+            times[name].append(clock() - start)
+    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
+
+
+def bench_shape(
+    shape: tuple[int, int, int, int], reps: int, clock: Callable[[], float], use_timm: bool
+) -> dict[str, dict[str, float]]:
+    torch.manual_seed(0)
+    channels = shape[1]
+    ours = CBAM(channels)
+    impls: dict[str, nn.Module] = {"seed": seed_from(ours), "cbam_insert": ours}
+    timm = timm_cbam(channels) if use_timm else None
+    if timm is not None:
+        impls["timm"] = timm
+    x = torch.randn(shape)
+    grad = torch.randn(shape)
+    with torch.no_grad():
+        diff = (impls["seed"].eval()(x) - ours.eval()(x)).abs().max().item()
+    if diff > 1e-5:
+        raise RuntimeError(f"cbam_insert and the seed disagree on {shape}: max |diff| = {diff:g}")
+
+    for m in impls.values():
+        m.eval()
+    fwd = interleaved_medians({k: forward_fn(m, x) for k, m in impls.items()}, reps, clock)
+    for m in impls.values():
+        m.train()
+    fb = interleaved_medians({k: train_fn(m, x, grad) for k, m in impls.items()}, reps, clock)
+    result: dict[str, dict[str, float]] = {}
+    for name, m in impls.items():
+        peak, saved = training_memory(m, x, grad)
+        result[name] = {"fwd": fwd[name], "fb": fb[name], "peak": peak / 2**20, "saved": saved / 2**20}
+    return result
+
+
+def render(results: dict[tuple[int, ...], dict[str, dict[str, float]]], markdown: bool) -> str:
+    header = ["shape", "module", "fwd ms", "fwd / seed", "fwd+bwd ms", "fwd+bwd / seed", "peak MB", "saved MB"]
+    rows = []
+    for shape, res in results.items():
+        seed = res["seed"]
+        for name, r in res.items():
+            rows.append([
+                "x".join(map(str, shape)), name, f"{r['fwd']:.2f}", f"{r['fwd'] / seed['fwd']:.2f}",
+                f"{r['fb']:.2f}", f"{r['fb'] / seed['fb']:.2f}", f"{r['peak']:.1f}", f"{r['saved']:.1f}",
+            ])  # fmt: skip
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        return "\n".join(lines)
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    fmt = "  ".join("{:>" + str(w) + "}" for w in widths)
+    return "\n".join([fmt.format(*header)] + [fmt.format(*r) for r in rows])
+
+
+def parse_shape(text: str) -> tuple[int, int, int, int]:
+    parts = tuple(int(v) for v in text.lower().replace(",", "x").split("x"))
+    if len(parts) != 4:
+        raise argparse.ArgumentTypeError(f"a shape is N,C,H,W (e.g. 8,256,56,56), got {text!r}")
+    return parts  # type: ignore[return-value]
+
+
+def main(argv: list[str] | None = None) -> dict[tuple[int, ...], dict[str, dict[str, float]]]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny shapes and 2 repetitions: a smoke run of a few seconds"
+    )
+    parser.add_argument(
+        "--reps", type=int, default=None, help="repetitions per measurement (default 15, 2 with --quick)"
+    )
+    parser.add_argument(
+        "--shape", type=parse_shape, action="append", help="N,C,H,W; repeat for several (default: issue 3's four)"
+    )
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
+    parser.add_argument("--no-timm", action="store_true", help="leave timm's CbamModule out even when it is installed")
+    parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    shapes = args.shape or (QUICK_SHAPES if args.quick else FULL_SHAPES)
+    reps = args.reps or (2 if args.quick else 15)
+    clock = time.thread_time if args.threads == 1 else time.perf_counter
+    clock_name = "CPU time of the benchmark thread" if args.threads == 1 else "wall time"
+    timm_note = "" if args.no_timm or timm_cbam(8) is not None else " (timm not installed)"
+    print(f"torch {torch.__version__}, {args.threads} thread(s), {clock_name}, median of {reps}{timm_note}")
+    results = {}
+    for shape in shapes:
+        results[shape] = bench_shape(shape, reps, clock, use_timm=not args.no_timm)
+    print(render(results, args.markdown))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""Smoke test of benchmarks/bench_module.py in its quick mode (a few seconds)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_module.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("bench_module", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_benchmark_times_and_measures_every_implementation(capsys):
+    bench = _load()
+    results = bench.main(["--quick", "--reps", "1", "--shape", "2,32,8,8", "--markdown"])
+    out = capsys.readouterr().out
+    assert "| 2x32x8x8 | seed |" in out and "| 2x32x8x8 | cbam_insert |" in out
+    rows = results[(2, 32, 8, 8)]
+    assert {"seed", "cbam_insert"} <= set(rows)
+    for row in rows.values():
+        assert row["fwd"] > 0 and row["fb"] > 0 and row["peak"] > 0
+    # the fused module keeps less for backward than the seed's F' (2*32*8*8 floats = 16 KiB)
+    assert rows["cbam_insert"]["saved"] < rows["seed"]["saved"]
+
+
+def test_seed_formulation_matches_the_module():
+    bench = _load()
+    import torch
+
+    from cbam_insert import CBAM
+
+    m = CBAM(48)
+    x = torch.randn(2, 48, 9, 9)
+    torch.testing.assert_close(bench.seed_from(m)(x), m(x), atol=1e-6, rtol=1e-6)
