@@ -9,7 +9,7 @@ wall time: on a busy machine it is the steadier of the two.
   count parameters and FLOPs, save.
 
 ``--breakdown`` also runs the command once under cProfile and prints the time spent in each
-function that the CLI calls directly (loading, patching, the cost report, saving), plus the
+function that the CLI calls directly (loading, patching, the cost report, saving), in CPU time, plus the
 import time of ``cbam_insert.cli``.
 
     python benchmarks/bench_cli.py                 # 5 runs each
@@ -72,10 +72,10 @@ def breakdown(model: str, out: Path, cwd: Path) -> None:
     """Where the command's time goes: cProfile of one run, grouped by the CLI's direct callees."""
     prof = cwd / "cli.prof"
     code = (
-        "import cProfile, sys\n"
+        "import cProfile, sys, time\n"
         f"sys.argv = {['cbam-insert', *cli_args(model, out)]!r}\n"
         "from cbam_insert.cli import main\n"
-        "pr = cProfile.Profile()\n"
+        "pr = cProfile.Profile(time.process_time)\n"
         "pr.enable()\n"
         "try:\n    main()\nexcept SystemExit:\n    pass\n"
         "pr.disable()\n"
@@ -95,7 +95,7 @@ def breakdown(model: str, out: Path, cwd: Path) -> None:
             ct = sum(c[3] for caller, c in callers.items() if caller in in_cli)
             if ct > 0:
                 parts.append((ct, func))
-    print(f"\nbreakdown (one run under cProfile, which slows Python code; the command took {total:.2f} s):")
+    print(f"\nbreakdown (CPU seconds, one run under cProfile, which slows Python code; the command: {total:.2f} s):")
     for ct, (file, line, name) in sorted(parts, reverse=True)[:12]:
         where = Path(file).name if file != "~" else "builtin"
         print(f"  {ct:7.2f} s  {name}  ({where}:{line})")

@@ -131,8 +131,12 @@ def time_limit(seconds: float):
         signal.signal(signal.SIGALRM, old)
 
 
-def timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
-    """A function that runs ``fn`` once and returns its wall time in ms (synchronising CUDA)."""
+def timer(device: torch.device, clock: str = "wall") -> Callable[[Callable[[], object]], float]:
+    """A function that runs ``fn`` once and returns its time in ms.
+
+    ``clock="wall"`` is elapsed time (CUDA synchronised); ``clock="cpu"`` is this process's CPU
+    time, steadier on a busy machine and, with one thread, the compute the model needs.
+    """
     if device.type == "cuda":
 
         def run(fn):
@@ -142,21 +146,22 @@ def timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
             torch.cuda.synchronize(device)
             return (time.perf_counter() - t0) * 1e3
 
-    else:
+        return run
+    now = time.process_time if clock == "cpu" else time.perf_counter
 
-        def run(fn):
-            t0 = time.perf_counter()
-            fn()
-            return (time.perf_counter() - t0) * 1e3
+    def run(fn):
+        t0 = now()
+        fn()
+        return (now() - t0) * 1e3
 
     return run
 
 
 def measure(
-    fns: dict[str, Callable[[], object]], reps: int, warmup: int, device: torch.device
+    fns: dict[str, Callable[[], object]], reps: int, warmup: int, device: torch.device, clock: str = "wall"
 ) -> dict[str, list[float]]:
     """Interleaved timings: each round runs every fn once, the order rotating between rounds."""
-    run = timer(device)
+    run = timer(device, clock)
     names = list(fns)
     for _ in range(warmup):
         for n in names:
@@ -197,7 +202,7 @@ def bench(args: argparse.Namespace) -> list[dict]:
                 x = torch.randn(batch, 3, args.size, args.size, device=device, dtype=dtype).to(memory_format=fmt)
                 for mode in args.modes:
                     row = {"model": name, "batch": batch, "layout": layout, "mode": mode, "device": args.device,
-                           "dtype": args.dtype, "threads": torch.get_num_threads(), "size": args.size}  # fmt: skip
+                           "dtype": args.dtype, "threads": torch.get_num_threads(), "size": args.size, "clock": args.clock}  # fmt: skip
                     try:
                         row.update(run_config(models, x, mode, args, device))
                     except Exception as exc:  # noqa: BLE001 - a benchmark reports and moves on
@@ -228,7 +233,7 @@ def run_config(models: dict[str, nn.Module], x: torch.Tensor, mode: str, args: a
         extra["seed_vs_project_maxdiff"] = max_abs_diff(outs["seed"], outs["project"])
         for k, m in runners.items():
             fns[k] = lambda m=m: m(x)
-        times = measure(fns, args.reps, args.warmup, device)
+        times = measure(fns, args.reps, args.warmup, device, args.clock)
     return {**summarise(times), **extra}
 
 
@@ -323,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (CPU)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--clock", default="wall", choices=["wall", "cpu"], help="CPU: wall time or process CPU time")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--compile-timeout", type=float, default=240.0, help="seconds allowed to compile the three models")
     p.add_argument("--quick", action="store_true", help="smoke test: 64x64, batch 1, 2 rounds, eager only")
@@ -335,7 +341,8 @@ def main(argv: list[str] | None = None) -> int:
         args.size, args.batches, args.reps, args.warmup, args.modes = 64, [1], 2, 1, ["eager"]
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, device {args.device}, dtype {args.dtype}, "
-          f"threads {torch.get_num_threads()}, {args.size}x{args.size}, {args.reps} rounds, eval + inference_mode",
+          f"threads {torch.get_num_threads()}, {args.size}x{args.size}, {args.reps} rounds, {args.clock} clock, "
+          "eval + inference_mode",
           flush=True)  # fmt: skip
     if args.profile:
         profile(args)
