@@ -94,6 +94,32 @@ def test_plain_weights_load_into_arch(resnet, tmp_path, name):
         assert torch.equal(loaded(X), resnet(X))
 
 
+class ScaledNet(nn.Module):
+    """A model with a non-persistent buffer: not in the state dict, so the pt file must keep it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.register_buffer("scale", torch.linspace(0.5, 2.0, 16).view(1, 16, 1, 1), persistent=False)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)).relu() * self.scale
+
+
+def test_pt_roundtrip_keeps_non_persistent_buffers_and_user_classes(tmp_path):
+    patched = insert_cbam(ScaledNet().eval(), after="conv", example_inputs=(X,), seed=0).eval()
+    save_model(patched, tmp_path / "s.pt")
+    loaded = load_model(tmp_path / "s.pt")
+    assert torch.equal(loaded.scale, patched.scale)
+    with torch.no_grad():
+        assert torch.equal(loaded(X), patched(X))
+    save_model(patched, tmp_path / "s.safetensors")
+    rebuilt = load_model(tmp_path / "s.safetensors", arch=ScaledNet()).eval()  # arch may be a fresh module
+    with torch.no_grad():
+        assert torch.equal(rebuilt(X), patched(X))
+
+
 def test_state_dict_without_arch_says_how_to_give_it(resnet, tmp_path):
     torch.save(resnet.state_dict(), tmp_path / "w.pth")
     msg = _one_line_error(load_model, tmp_path / "w.pth")
