@@ -29,6 +29,7 @@ import functools
 import importlib
 import importlib.util
 import json
+import math
 import os
 import pickletools
 import sys
@@ -520,15 +521,13 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, An
 def _weights_into(
     arch: str | nn.Module | None, state: dict[str, torch.Tensor], recipe: dict[str, Any] | None, path: Path
 ) -> nn.Module:
-    from .api import apply_recipe
-
     if arch is None:
         raise CBAMInsertError(
             f"{path}: holds only weights ({len(state)} tensors), no architecture; give it with {_ARCH_HINT}"
         )
     model = build_arch(arch) if isinstance(arch, str) else arch
     if recipe is not None:
-        model = apply_recipe(model, recipe, inplace=True)
+        model = _replay(model, recipe, path)
     _load_state(model, state, path, recipe is not None)
     return model
 
@@ -568,8 +567,6 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path, ha
 
 def _rebuild(obj: dict[str, Any], path: Path) -> nn.Module:
     """A patched model from this tool's ``pt`` file: structure, recipe replayed, weights loaded."""
-    from .api import apply_recipe
-
     info = obj["cbam_insert"]
     if info.get("format") != "pt" or not isinstance(info.get("version"), int):
         raise CBAMInsertError(f"{path}: an unknown cbam-insert file layout {info!r}")
@@ -579,10 +576,63 @@ def _rebuild(obj: dict[str, Any], path: Path) -> nn.Module:
     if not isinstance(base, nn.Module) or not isinstance(recipe, str) or _as_state_dict(state) is None:
         raise CBAMInsertError(f"{path}: a damaged cbam-insert file (base, recipe or state_dict missing)")
     _materialize(base)
-    model = apply_recipe(base, json.loads(recipe), inplace=True)
+    try:
+        recipe_dict = json.loads(recipe)
+    except ValueError:
+        raise CBAMInsertError(f"{path}: a damaged cbam-insert file (its recipe is not JSON)") from None
+    model = _replay(base, recipe_dict, path)
     _load_state(model, state, path, True)
     model.train(bool(info.get("training", False)))
     return model
+
+
+_MAX_EXAMPLE_ELEMENTS = 1 << 28
+
+
+def _replay(model: nn.Module, recipe: Any, path: Path) -> nn.Module:
+    """``apply_recipe`` on ``model`` in place, after checking that the file's recipe is well formed.
+
+    A recipe comes from a file, so a malformed one is the file's fault (one line, not a traceback),
+    and its example inputs are bounded: they are allocated to replay the patch.
+    """
+    from .api import RECIPE_FORMAT, apply_recipe
+
+    if not isinstance(recipe, dict) or recipe.get("format") != RECIPE_FORMAT or not isinstance(recipe.get("steps"), list):
+        raise CBAMInsertError(f"{path}: its recipe is not a cbam-insert recipe")
+    if not isinstance(recipe.get("version"), int) or recipe["version"] > 1:
+        raise CBAMInsertError(f"{path}: its recipe has version {recipe.get('version')!r}; this cbam-insert reads 1")
+    for i, step in enumerate(recipe["steps"]):
+        ok = (
+            isinstance(step, dict)
+            and isinstance(step.get("after"), str)
+            and isinstance(step.get("modules"), list)
+            and isinstance(step.get("selection", {}), dict)
+            and isinstance(step.get("cbam", {}), dict)
+        )
+        size = _elements(step.get("example_inputs")) if ok else None
+        if size is None:
+            raise CBAMInsertError(f"{path}: its recipe is malformed (step {i + 1})")
+        if size > _MAX_EXAMPLE_ELEMENTS:
+            raise CBAMInsertError(f"{path}: its recipe asks for example inputs too large to replay (step {i + 1})")
+    try:
+        return apply_recipe(model, recipe, inplace=True)
+    except CBAMInsertError as exc:
+        raise CBAMInsertError(f"{path}: {exc}") from None
+
+
+def _elements(spec: Any) -> int | None:
+    """Elements in a ``describe_inputs`` description, or ``None`` when it is not one."""
+    if not isinstance(spec, dict) or len(spec) not in (1, 2):
+        return None
+    if "shape" in spec:
+        shape, dtype = spec["shape"], spec.get("dtype")
+        ok = isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)
+        return math.prod(shape) if ok and isinstance(getattr(torch, str(dtype), None), torch.dtype) else None
+    items = spec.get("list", spec.get("tuple"))
+    if len(spec) != 1 or not isinstance(items, list):
+        return None
+    sizes = [_elements(s) for s in items]
+    return None if None in sizes else sum(sizes)  # type: ignore[arg-type]
 
 
 def _materialize(model: nn.Module) -> None:

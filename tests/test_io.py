@@ -134,6 +134,21 @@ def test_cbam_weights_without_recipe_name_the_missing_recipe(patched, tmp_path):
     assert "no recipe" in msg and f"w.pth{RECIPE_SUFFIX}" in msg
 
 
+def test_a_recipe_for_another_arch_or_a_damaged_one_is_one_line(patched, tmp_path):
+    save_model(patched, tmp_path / "w.pth")
+    msg = _one_line_error(load_model, tmp_path / "w.pth", arch="torchvision:resnet34")
+    assert "does not fit" in msg and "w.pth" in msg
+    side = tmp_path / f"w.pth{RECIPE_SUFFIX}"
+    recipe = json.loads(side.read_text())
+    recipe["steps"][0]["example_inputs"] = {"tuple": [{"shape": [10**6, 3, 10**4, 10**4], "dtype": "float32"}]}
+    side.write_text(json.dumps(recipe))
+    assert "too large" in _one_line_error(load_model, tmp_path / "w.pth", arch="torchvision:resnet18")
+    side.write_text(json.dumps({"format": "cbam-insert/recipe", "version": 1, "steps": [{"after": 3}]}))
+    assert "malformed" in _one_line_error(load_model, tmp_path / "w.pth", arch="torchvision:resnet18")
+    side.write_text("{not json")
+    assert "not a readable recipe" in _one_line_error(load_model, tmp_path / "w.pth", arch="torchvision:resnet18")
+
+
 def test_weights_for_another_arch_are_refused(resnet, tmp_path):
     torch.save(resnet.state_dict(), tmp_path / "w.pth")
     msg = _one_line_error(load_model, tmp_path / "w.pth", arch="torchvision:resnet34")
