@@ -32,6 +32,7 @@ import json
 import math
 import os
 import pickletools
+import re
 import sys
 import tempfile
 import warnings
@@ -647,8 +648,11 @@ def _materialize(model: nn.Module) -> None:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+    """The line of an exception's message that says what went wrong, without terminal escapes."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    _, marker, reason = text.partition("WeightsUnpickler error:")  # torch.load's long weights-only message
+    lines = (reason.split(". Please use")[0] if marker else text).strip().splitlines()
+    return lines[0].strip() if lines else type(exc).__name__
 
 
 # ----------------------------------------------------------------------------- saving

@@ -251,6 +251,16 @@ def test_a_newer_pickle_protocol_is_named_not_called_corrupt(tmp_path):
     assert isinstance(load_model(tmp_path / "m.pt", trust=True), nn.Conv2d)
 
 
+def test_pre_zip_format_loads_plain_weights_and_names_the_way_out_for_models(resnet, tmp_path):
+    torch.save(resnet.state_dict(), tmp_path / "w.pth", _use_new_zipfile_serialization=False)
+    loaded = load_model(tmp_path / "w.pth", arch="torchvision:resnet18").eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(X), resnet(X))
+    torch.save(nn.Conv2d(3, 4, 3), tmp_path / "m.pt", _use_new_zipfile_serialization=False)
+    msg = _one_line_error(load_model, tmp_path / "m.pt")
+    assert "old-format" in msg and "--trust" in msg
+
+
 def test_resnet_saved_with_torch_save_loads_without_trust(resnet, tmp_path):
     torch.save(resnet, tmp_path / "r.pt")
     loaded = load_model(tmp_path / "r.pt")
