@@ -327,3 +327,15 @@ def test_example_inputs_are_inferred_for_1d_2d_3d():
     assert p3(torch.randn(1, 3, 4, 8, 8)).shape == (1, 8, 4, 8, 8)
     with pytest.raises(CBAMInsertError, match="example_inputs"):
         find_sites(nn.Sequential(nn.Linear(4, 4)), after="conv")
+
+
+def test_official_variant_on_resnet50_has_the_papers_parameter_count():
+    """Woo et al. report 28.09 M parameters for ResNet-50 + CBAM (Table 4); the authors' module
+    (MLP biases, BatchNorm after the spatial conv) in every bottleneck gives exactly that."""
+    model = torchvision.models.resnet50()
+    official = insert_cbam(model, after="block", variant="official")
+    seed = insert_cbam(model, after="block")
+    assert round(sum(p.numel() for p in official.parameters()) / 1e6, 2) == 28.09
+    # the seed's bias-free module: 2*C*(C//16) + 2*7*7 per block, C = 256/512/1024/2048 x 3/4/6/3
+    expected = sum(n * (2 * c * (c // 16) + 98) for c, n in [(256, 3), (512, 4), (1024, 6), (2048, 3)])
+    assert sum(p.numel() for p in seed.parameters()) - sum(p.numel() for p in model.parameters()) == expected
