@@ -121,6 +121,7 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 @app.command(
+    name="cbam-insert",
     epilog="Exit status: 0 done, 1 user error (one line on stderr, nothing written), "
     "2 usage error, 3 internal error (rerun with --debug)."
 )
@@ -364,7 +365,7 @@ def _run(
         "max_sites": max_sites, "min_channels": min_channels,
     }  # fmt: skip
     stdout_tty = sys.stdout.isatty()
-    console = Console(highlight=False, width=None if stdout_tty or "COLUMNS" in os.environ else 1000)
+    console = Console(highlight=False, width=None if stdout_tty else 1000)  # piped: no wrapping
     with _progress(not quiet and stdout_tty and sys.stderr.isatty()) as step:
         import torch
 
