@@ -168,16 +168,17 @@ def cost_report(
     return CostReport(count_params(original), count_params(patched), before, after, per_module)
 
 
-def site_cost(site: Site, cost: CostReport) -> tuple[int, int] | None:
-    """(params, MACs) of the CBAM module added at a used site: its planned name, or the newest
-    ``name_<k>`` when that name was taken by an earlier patch."""
+def site_cost(site: Site, cost: CostReport) -> tuple[str, int, int] | None:
+    """(module name, params, MACs) of the CBAM module added at a used site: the site's planned
+    name, or the newest ``name_<k>`` when an earlier patch took that name."""
     if not site.used:
         return None
     base = site.module_name
-    candidates = [n for n in cost.per_module if n == base or (n.startswith(base + "_") and n[len(base) + 1 :].isdigit())]
-    if not candidates:
+    names = [n for n in cost.per_module if n == base or (n.startswith(base + "_") and n[len(base) + 1 :].isdigit())]
+    if not names:
         return None
-    return cost.per_module[max(candidates, key=lambda n: (len(n), n))]
+    name = max(names, key=lambda n: (len(n), n))
+    return (name, *cost.per_module[name])
 
 
 # ----------------------------------------------------------------------------- latency
@@ -259,7 +260,9 @@ def _signed(n: int) -> str:
     return f"+{n:,}" if n >= 0 else f"{n:,}"
 
 
-def _site_rows(report: PatchReport, cost: CostReport | None, show_skipped: bool) -> list[tuple[Site, tuple[int, int] | None]]:
+def _site_rows(
+    report: PatchReport, cost: CostReport | None, show_skipped: bool
+) -> list[tuple[Site, tuple[str, int, int] | None]]:
     return [(s, site_cost(s, cost) if cost else None) for s in report.sites if s.used or show_skipped]
 
 
@@ -298,8 +301,8 @@ def render_report(
             site.kind,
             str(site.channels) if site.channels else "-",
             "x".join(map(str, site.spatial)) or "-",
-            f"{sc[0]:,}" if sc else "-",
             f"{sc[1]:,}" if sc else "-",
+            f"{sc[2]:,}" if sc else "-",
         ]
         if show_skipped:
             row.append("used" if site.used else f"skipped: {site.reason}")
@@ -384,8 +387,10 @@ def report_dict(
         entry = s.to_dict()
         sc = site_cost(s, cost) if cost else None
         entry["spatial"] = list(s.spatial)
-        entry["params"] = sc[0] if sc else None
-        entry["flops"] = sc[1] if sc else None
+        if sc:
+            entry["module"], entry["params"], entry["flops"] = sc
+        else:
+            entry["params"] = entry["flops"] = None
         sites.append(entry)
     data: dict[str, Any] = {
         "after": report.after,

@@ -186,8 +186,12 @@ def test_repatch_is_explicit(model_pt: Path, tmp_path: Path):
     res = run(once, *SMALL, "-o", tmp_path / "twice.pt")
     assert res.exit_code == 1 and "already has CBAM" in res.stderr
     assert not (tmp_path / "twice.pt").exists()
-    res = run(once, *SMALL, "-o", tmp_path / "twice.pt", "--repatch")
+    res = run(once, *SMALL, "-o", tmp_path / "twice.pt", "--repatch", "--json")
     assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert data["modules"] == [s["module"] for s in data["sites"]] == [
+        f"layer{i}.{j}.cbam_add_2" for i in range(1, 5) for j in (0, 1)
+    ]
     assert len(_cbams(load_model(tmp_path / "twice.pt"))) == 16
 
 
