@@ -305,7 +305,7 @@ def render_report(
             f"{sc[2]:,}" if sc else "-",
         ]
         if show_skipped:
-            row.append("used" if site.used else f"skipped: {site.reason}")
+            row.append((f"used: {site.reason}" if site.reason else "used") if site.used else f"skipped: {site.reason}")
         table.add_row(*row)
     out.append(table)
     if skipped and not show_skipped:
