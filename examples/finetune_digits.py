@@ -109,38 +109,51 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: f
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """Test accuracy and mean cross-entropy, in eval mode."""
     model.eval()
-    return (model(x).argmax(1) == y).float().mean().item()
+    logits = model(x)
+    return (logits.argmax(1) == y).float().mean().item(), F.cross_entropy(logits, y).item()
 
 
-def run(epochs: int, finetune_epochs: int, lr: float, finetune_lr: float, seed: int,
-        placements: list[str], log=print) -> dict:  # fmt: skip
+def run(
+    epochs: int,
+    finetune_epochs: int,
+    lr: float,
+    finetune_lr: float,
+    seed: int,
+    placements: list[str],
+    log=print,
+) -> dict:
     """Train, patch, fine-tune; return the table as a dict."""
+    cpu0 = time.process_time()
     torch.manual_seed(seed)
     x_train, y_train, x_test, y_test = load_data(seed)
     model = DigitsResNet()
-    t0 = time.perf_counter()
     train(model, x_train, y_train, epochs, lr, seed)
-    base_acc = accuracy(model, x_test, y_test)
-    log(f"trained {epochs} epochs in {time.perf_counter() - t0:.1f}s: test accuracy {base_acc:.4f}")
+    base = evaluate(model, x_test, y_test)
+    log(f"trained {epochs} epochs: test accuracy {base[0]:.4f}, loss {base[1]:.4f}")
 
-    example = (torch.zeros(1, 1, 8, 8),)
+    def row(name: str, after: str, init: str, sites: int, added: int, before: tuple, after_ft: tuple) -> dict:
+        r = {"model": name, "after": after, "init": init, "sites": sites, "added_params": added,
+             "acc_patched": before[0], "loss_patched": before[1], "acc_finetuned": after_ft[0], "loss_finetuned": after_ft[1]}  # fmt: skip
+        log(f"{name}: accuracy {before[0]:.4f} -> {after_ft[0]:.4f}, loss {before[1]:.4f} -> {after_ft[1]:.4f}")
+        return r
+
+    # the control: the same fine-tune (same batches) without CBAM
     control = copy.deepcopy(model)
     train(control, x_train, y_train, finetune_epochs, finetune_lr, seed + 1)
-    rows = [{"model": "original (no CBAM)", "after": "-", "init": "-", "sites": 0, "added_params": 0,
-             "acc_patched": base_acc, "acc_finetuned": accuracy(control, x_test, y_test)}]  # fmt: skip
+    rows = [row("original (no CBAM)", "-", "-", 0, 0, base, evaluate(control, x_test, y_test))]
+    example = (torch.zeros(1, 1, 8, 8),)
     for after in placements:
         for init in ("default", "identity"):
             patched = insert_cbam(model, after=after, example_inputs=example, init=init, reduction=4, seed=seed)
             added = sum(p.numel() for p in patched.parameters()) - sum(p.numel() for p in model.parameters())
-            acc_patched = accuracy(patched, x_test, y_test)
+            at_insertion = evaluate(patched, x_test, y_test)
             train(patched, x_train, y_train, finetune_epochs, finetune_lr, seed + 1)
-            row = {"model": f"CBAM after {after}, {init} init", "after": after, "init": init,
-                   "sites": len(patched.cbam_report.modules), "added_params": added,
-                   "acc_patched": acc_patched, "acc_finetuned": accuracy(patched, x_test, y_test)}  # fmt: skip
-            log(f"{row['model']}: {row['acc_patched']:.4f} -> {row['acc_finetuned']:.4f}")
-            rows.append(row)
+            sites = len(patched.cbam_report.modules)
+            rows.append(row(f"CBAM after {after}, {init} init", after, init, sites, added, at_insertion,
+                            evaluate(patched, x_test, y_test)))  # fmt: skip
     return {
         "dataset": "sklearn digits 8x8",
         "train_size": len(y_train),
@@ -148,6 +161,8 @@ def run(epochs: int, finetune_epochs: int, lr: float, finetune_lr: float, seed: 
         "epochs": epochs,
         "finetune_epochs": finetune_epochs,
         "seed": seed,
+        "threads": torch.get_num_threads(),
+        "cpu_seconds": round(time.process_time() - cpu0, 1),
         "rows": rows,
     }
 
@@ -155,12 +170,13 @@ def run(epochs: int, finetune_epochs: int, lr: float, finetune_lr: float, seed: 
 def markdown(result: dict) -> str:
     ft = result["finetune_epochs"]
     lines = [
-        f"| model | sites | added params | test acc. right after patching | after {ft} fine-tune epochs |",
+        f"| model | sites | added params | right after patching: test acc. (loss) | after {ft} fine-tune epochs |",
         "|---|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
         lines.append(f"| {r['model']} | {r['sites']} | {r['added_params']:,} | "
-                     f"{100 * r['acc_patched']:.2f}% | {100 * r['acc_finetuned']:.2f}% |")  # fmt: skip
+                     f"{100 * r['acc_patched']:.2f}% ({r['loss_patched']:.3f}) | "
+                     f"{100 * r['acc_finetuned']:.2f}% ({r['loss_finetuned']:.3f}) |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -191,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print()
+        print(f"\n{result['train_size']} training and {result['test_size']} test images; "
+              f"{result['cpu_seconds']} s of CPU time on {result['threads']} thread(s)\n")  # fmt: skip
         print(markdown(result))
     return 0
 
