@@ -18,7 +18,8 @@ What is measured, per shape (N, C, H, W), on the CPU:
   that accumulates over the depth of a network; the input and the parameters are not counted.
 
 Times are medians over interleaved repetitions (every implementation runs once per round, in
-turn, so drifting machine load hits all of them alike). With one intra-op thread (the default)
+an order shuffled each round, so drifting machine load and the allocator state one leaves
+behind hit all of them alike). With one intra-op thread (the default)
 the clock is the benchmark thread's CPU time, which other processes on a shared machine do not
 inflate; with more threads it is wall time. Ratios are to the seed.
 
@@ -32,6 +33,7 @@ to agree before timing.
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import sys
 import time
@@ -166,14 +168,17 @@ def train_fn(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> Callable
 
 
 def interleaved_medians(fns: dict[str, Callable[[], None]], reps: int, clock: Callable[[], float]) -> dict[str, float]:
-    """Median milliseconds of each function, all run once per round, in turn."""
+    """Median milliseconds of each function; every round runs each once, in a shuffled order."""
     for fn in fns.values():
         fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
+    order = list(fns)
+    rng = random.Random(0)
     for _ in range(reps):
-        for name, fn in fns.items():
+        rng.shuffle(order)
+        for name in order:
             start = clock()
-            fn()
+            fns[name]()
             times[name].append(clock() - start)
     return {k: 1e3 * statistics.median(v) for k, v in times.items()}
 
@@ -240,7 +245,7 @@ def main(argv: list[str] | None = None) -> dict[tuple[int, ...], dict[str, dict[
         "--quick", action="store_true", help="tiny shapes and 2 repetitions: a smoke run of a few seconds"
     )
     parser.add_argument(
-        "--reps", type=int, default=None, help="repetitions per measurement (default 15, 2 with --quick)"
+        "--reps", type=int, default=None, help="repetitions per measurement (default 25, 2 with --quick)"
     )
     parser.add_argument(
         "--shape", type=parse_shape, action="append", help="N,C,H,W; repeat for several (default: issue 3's four)"
@@ -252,7 +257,7 @@ def main(argv: list[str] | None = None) -> dict[tuple[int, ...], dict[str, dict[
 
     torch.set_num_threads(args.threads)
     shapes = args.shape or (QUICK_SHAPES if args.quick else FULL_SHAPES)
-    reps = args.reps or (2 if args.quick else 15)
+    reps = args.reps or (2 if args.quick else 25)
     clock = time.thread_time if args.threads == 1 else time.perf_counter
     clock_name = "CPU time of the benchmark thread" if args.threads == 1 else "wall time"
     timm_note = "" if args.no_timm or timm_cbam(8) is not None else " (timm not installed)"

@@ -124,7 +124,10 @@ class ChannelAttention(nn.Module):
             if p == "avg":
                 pooled.append(x.mean(dim=dims))
             elif p == "max":
-                pooled.append(x.amax(dim=dims))
+                if torch.jit.is_scripting():
+                    pooled.append(x.amax(dim=dims))
+                else:
+                    pooled.append(_spatial_max_eager(x))
             elif p == "lp":
                 pooled.append(torch.linalg.vector_norm(x, ord=2, dim=dims))
             else:
@@ -221,18 +224,71 @@ def _tracing() -> bool:
 
 @torch.jit.unused
 def _channel_max_eager(x: torch.Tensor) -> torch.Tensor:
-    """``x.amax(dim=1, keepdim=True)``, by a tree of elementwise maxima when maps are small.
+    """``x.amax(dim=1, keepdim=True)``, folded with elementwise maxima when maps are small.
 
-    The reduction kernel vectorises along the contiguous spatial positions; for maps of a few
+    The max-reduction kernel works along the contiguous spatial positions; for maps of a few
     dozen positions (7x7) that is several times slower than halving the channels with
-    ``torch.maximum``, which gives bit-identical results.
+    ``torch.maximum``, which gives bit-identical results (a max is exact).
     """
-    if _tracing() or x.shape[1] < 4 or x[0, 0].numel() >= 256 or not x.is_contiguous():
+    if _no_folding(x) or x.shape[1] < 16 or x[0, 0].numel() >= 256:
         return x.amax(dim=1, keepdim=True)
-    while x.shape[1] > 1:
-        half = (x.shape[1] + 1) // 2  # for an odd count the middle channel is in both halves
-        x = torch.maximum(x[:, :half], x[:, x.shape[1] - half :])
+    return _fold_max(x, 1).amax(dim=1, keepdim=True)
+
+
+@torch.jit.unused
+def _spatial_max_eager(x: torch.Tensor) -> torch.Tensor:
+    """``x.amax(dim=spatial dims)``, (N, C), by the same folding when maps are small."""
+    size = x[0, 0].numel()
+    if _no_folding(x) or size < 16 or size >= 256:
+        return x.amax(dim=_spatial_dims(x))
+    return _fold_max(x.view(x.shape[0], x.shape[1], size), 2).amax(dim=2)
+
+
+def _no_folding(x: torch.Tensor) -> bool:
+    # amax's own backward splits a tied maximum evenly; a graph through folds would not
+    return _tracing() or not x.is_contiguous() or (torch.is_grad_enabled() and x.requires_grad)
+
+
+def _fold_max(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Halve ``dim`` with ``torch.maximum`` until at most 8 remain; the max over it is kept."""
+    while x.shape[dim] > 8:
+        size = x.shape[dim]
+        half = (size + 1) // 2  # for an odd size the middle entry is in both halves
+        x = torch.maximum(x.narrow(dim, 0, half), x.narrow(dim, size - half, half))
     return x
+
+
+# F' is reduced over channels block by block while the block is still in cache
+_BLOCK_BYTES = 1 << 21
+
+
+@torch.jit.unused
+def _refine_and_pool_eager(x: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``F' = x * a`` (a new tensor) with its channel mean and max, each (N, 1, *spatial).
+
+    Without autograd, F' is written and reduced a block of samples at a time, so the two
+    reductions read it from cache rather than from memory; the values are those of
+    ``refined.mean(1)`` and ``refined.amax(1)``.
+    """
+    n = x.shape[0]
+    step = (
+        n
+        if x.numel() * x.element_size() <= 4 * _BLOCK_BYTES
+        else max(1, _BLOCK_BYTES // (x[0].numel() * x.element_size()))
+    )
+    needs_graph = torch.is_grad_enabled() and (x.requires_grad or a.requires_grad)
+    if step >= n or needs_graph or _tracing() or not x.is_contiguous():
+        refined = x * a
+        return refined, refined.mean(dim=1, keepdim=True), _channel_max_eager(refined)
+    refined = torch.empty_like(x)
+    pooled_shape = [n, 1] + list(x.shape[2:])
+    mean = x.new_empty(pooled_shape)
+    smax = x.new_empty(pooled_shape)
+    for i in range(0, n, step):
+        block = torch.mul(x[i : i + step], a[i : i + step], out=refined[i : i + step])
+        torch.mean(block, dim=1, keepdim=True, out=mean[i : i + step])
+        smax[i : i + step] = _channel_max_eager(block)
+    return refined, mean, smax
 
 
 class _CBAMFunction(torch.autograd.Function):
@@ -257,16 +313,15 @@ class _CBAMFunction(torch.autograd.Function):
         n, c = x.shape[0], x.shape[1]
         sdims = _spatial_dims(x)
         avg = x.mean(dim=sdims)
-        cmax = x.amax(dim=sdims)
+        cmax = _spatial_max_eager(x)
         avg_first = cg.pool_types[0] == "avg"
         pooled_c = torch.stack([avg, cmax] if avg_first else [cmax, avg], dim=0)
         with torch.enable_grad():
             pooled_c.requires_grad_()
             gate_c = torch.sigmoid(cg.head(pooled_c))
         a = gate_c.detach()
-        refined = x * a.view([n, c] + [1] * len(sdims))
-        smax = _channel_max_eager(refined)
-        pooled_s = sg.stack(refined.mean(dim=1, keepdim=True), smax)
+        refined, mean, smax = _refine_and_pool_eager(x, a.view([n, c] + [1] * len(sdims)))
+        pooled_s = sg.stack(mean, smax)
         with torch.enable_grad():
             pooled_s.requires_grad_()
             gate_s = torch.sigmoid(sg.head(pooled_s))
@@ -446,12 +501,13 @@ class CBAM(nn.Module):
         sg = self.spatial_gate
         assert cg is not None and sg is not None
         shape: list[int] = [x.shape[0], self.channels] + [1] * self.dims
-        refined = x * torch.sigmoid(cg.logits(x)).view(shape)
+        a = torch.sigmoid(cg.logits(x)).view(shape)
         if torch.jit.is_scripting():
-            smax = refined.amax(dim=1, keepdim=True)
+            refined = x * a
+            mean, smax = refined.mean(dim=1, keepdim=True), refined.amax(dim=1, keepdim=True)
         else:
-            smax = _channel_max_eager(refined)
-        ms = torch.sigmoid(sg.head(sg.stack(refined.mean(dim=1, keepdim=True), smax)))
+            refined, mean, smax = _refine_and_pool_eager(x, a)
+        ms = torch.sigmoid(sg.head(sg.stack(mean, smax)))
         if torch.is_grad_enabled() and (refined.requires_grad or ms.requires_grad):
             return refined * ms
         # nothing records F', so the output can reuse its memory
