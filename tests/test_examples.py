@@ -81,3 +81,11 @@ def test_finetune_digits_quick_shows_identity_init_keeps_accuracy() -> None:
     assert rows[("block", "default")]["acc_patched"] < base
     assert rows[("block", "identity")]["sites"] == 6
     assert result["test_size"] == 360
+
+
+def test_video_3d_example_patches_r3d18_with_3d_cbam() -> None:
+    out = run_example("video_3d.py", "--frames", "4", "--size", "32", "--threads", "1")
+    assert "8 CBAM modules, dims=[3]" in out
+    assert "identity init keeps the function: True" in out
+    assert "8 of 8 gates moved" in out
+    assert "rebuilt it: equal outputs True" in out
