@@ -33,7 +33,6 @@ EXIT_USER = 1
 EXIT_INTERNAL = 3
 
 
-
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"cbam-insert {__version__}")
@@ -115,7 +114,7 @@ def _device(text: str) -> Any:
 
 def _same_file(a: Path, b: Path) -> bool:
     try:
-        return a.exists() and b.exists() and os.path.samefile(a, b) or a.resolve() == b.resolve()
+        return (a.exists() and b.exists() and os.path.samefile(a, b)) or a.resolve() == b.resolve()
     except OSError:
         return False
 
