@@ -3,8 +3,9 @@
 For every placement and every generated architecture: the patch either succeeds or refuses with
 ``CBAMInsertError``; conv and block sites are exactly the ones an independent eager oracle
 predicts; CBAM sits on the residual branch, never on the shortcut; output shapes are kept;
-identity init is exact in eval and train mode; backward reaches every CBAM parameter; the input
-model is untouched; and the state dict + recipe and pt round trips give back equal outputs.
+identity init is exact in eval and train mode; backward reaches every CBAM parameter; patching the
+result again adds nothing; the input model is untouched; and the state dict + recipe and pt round
+trips give back equal outputs.
 """
 
 from __future__ import annotations
@@ -104,6 +105,10 @@ def test_patch_keeps_its_contract_on_random_cnns(after: str, spec: dict) -> None
         got = {s.name.rpartition(".")[0]: s.operand for s in report.used}
         assert got == expected, "CBAM must sit on the residual branch (its last node), one per residual block"
         assert all(s.reason.startswith("residual branch") for s in report.used)
+
+    # patching the result again is refused: every site already has CBAM
+    with pytest.raises(CBAMInsertError, match="no site"):
+        insert_cbam(patched, after=after, example_inputs=(x,))
 
     # the input model is untouched
     after_state = model.state_dict()
