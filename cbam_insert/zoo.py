@@ -163,6 +163,8 @@ def spec_for(name: str, task: str) -> Spec:
             n, t, s = 1, 16, 224  # the builder fixes the positional embedding to 16x224x224; no BN
         elif name == "s3d":
             t, s = 16, 224  # the head's fixed (2, 7, 7) average pool
+        elif name.startswith("swin3d"):
+            t, s = 2, 28  # one 1x7x7 window after the 2x4x4 patches
         return Spec(name, task, kwargs, lambda: (_rand(1, 3, t, s, s),), lambda: (_rand(n, 3, t, s, s, seed=1),), note)
     if task == "optical_flow":
         return Spec(
@@ -178,6 +180,9 @@ def spec_for(name: str, task: str) -> Spec:
     else:
         kwargs.update(min_size=128, max_size=160)
         note = "min_size=128, max_size=160"
+        if "rcnn" in name:  # fewer proposals and sampled RoIs: the heads dominate the time otherwise
+            kwargs.update(rpn_post_nms_top_n_train=200, rpn_post_nms_top_n_test=100, box_batch_size_per_image=64)
+            note += ", 200/100 proposals, 64 RoIs per image"
         sizes = [(128, 160), (144, 128)]
 
     def eval_args() -> tuple[Any, ...]:
@@ -626,7 +631,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.merge:
-        rows = [Row(**r) for p in args.merge for r in json.loads(Path(p).read_text())]
+        merged = {(r["model"], r["placement"]): r for p in args.merge for r in json.loads(Path(p).read_text())}
+        rows = [Row(**r) for r in merged.values()]  # a later part's row replaces an earlier one
         order = {n: i for i, (n, _) in enumerate(builders())}
         rows.sort(key=lambda r: (order.get(r.model, len(order)), PLACEMENTS.index(r.placement)))
     else:
@@ -649,8 +655,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for r in got:
                 if not r.passed:
                     print(f"    {r.placement}: {r.reason}", file=sys.stderr, flush=True)
-        if args.json:
-            Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=1))
+            if args.json:  # after every model, so an interrupted run keeps what it did
+                Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=1))
     text = render_markdown(rows, COMMAND)
     if args.output == "-":
         print(text)
