@@ -226,11 +226,11 @@ def _tracing() -> bool:
 def _channel_max_eager(x: torch.Tensor) -> torch.Tensor:
     """``x.amax(dim=1, keepdim=True)``, folded with elementwise maxima when maps are small.
 
-    The max-reduction kernel works along the contiguous spatial positions; for maps of a few
-    dozen positions (7x7) that is several times slower than halving the channels with
-    ``torch.maximum``, which gives bit-identical results (a max is exact).
+    The max-reduction kernel works along the contiguous spatial positions; for small maps with
+    an odd number of positions (7x7) that is several times slower than halving the channels
+    with ``torch.maximum``, which gives bit-identical results (a max is exact).
     """
-    if _no_folding(x) or x.shape[1] < 16 or x[0, 0].numel() >= 256:
+    if _no_folding(x) or x.shape[1] < 16 or not _odd_small(x[0, 0].numel()):
         return x.amax(dim=1, keepdim=True)
     return _fold_max(x, 1).amax(dim=1, keepdim=True)
 
@@ -239,9 +239,14 @@ def _channel_max_eager(x: torch.Tensor) -> torch.Tensor:
 def _spatial_max_eager(x: torch.Tensor) -> torch.Tensor:
     """``x.amax(dim=spatial dims)``, (N, C), by the same folding when maps are small."""
     size = x[0, 0].numel()
-    if _no_folding(x) or size < 16 or size >= 256:
+    if _no_folding(x) or not _odd_small(size):
         return x.amax(dim=_spatial_dims(x))
     return _fold_max(x.view(x.shape[0], x.shape[1], size), 2).amax(dim=2)
+
+
+def _odd_small(size: int) -> bool:
+    # measured: the max kernel is slow for an odd number of contiguous positions (5x5, 7x7, 9x9)
+    return 16 < size < 256 and size % 2 == 1
 
 
 def _no_folding(x: torch.Tensor) -> bool:
@@ -289,6 +294,37 @@ def _refine_and_pool_eager(x: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tens
         torch.mean(block, dim=1, keepdim=True, out=mean[i : i + step])
         smax[i : i + step] = _channel_max_eager(block)
     return refined, mean, smax
+
+
+def _spatial_weighted_sum(t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``sum_p t[n, c, p] * w[n, 0, p]`` as (N, C), one pass over ``t``; ``w`` is (N, 1, *spatial)."""
+    n, c = t.shape[0], t.shape[1]
+    if t.is_contiguous():
+        return torch.bmm(w.reshape(n, 1, -1), t.view(n, c, -1).transpose(1, 2)).view(n, c)
+    return (t * w).sum(dim=_spatial_dims(t))
+
+
+# scratch size for the spatial-max gradient, which is added a block of rows at a time
+_SCRATCH_BYTES = 1 << 20
+
+
+def _add_max_grad(out: torch.Tensor, x: torch.Tensor, mx: torch.Tensor, g: torch.Tensor) -> None:
+    """``out += (x == mx) * g / ties`` with ``mx``, ``g`` of shape (N, C, 1, ...) and ties counted
+    per (n, c): amax's gradient. Rows are done in blocks through a small scratch buffer, so the
+    backward allocates no second full-size tensor."""
+    n, c = x.shape[0], x.shape[1]
+    if not (x.is_contiguous() and out.is_contiguous()):
+        hit = torch.eq(x, mx).to(x.dtype)
+        out.addcmul_(hit, g / hit.sum(dim=_spatial_dims(x), keepdim=True))
+        return
+    rows, size = n * c, x[0, 0].numel()
+    xv, ov, mv, gv = x.view(rows, size), out.view(rows, size), mx.reshape(rows, 1), g.reshape(rows, 1)
+    step = max(1, _SCRATCH_BYTES // (size * x.element_size()))
+    scratch = x.new_empty(min(step, rows), size)
+    for r in range(0, rows, step):
+        e = min(rows, r + step)
+        hit = torch.eq(xv[r:e], mv[r:e], out=scratch[: e - r])
+        ov[r:e].addcmul_(hit, gv[r:e] / hit.sum(dim=1, keepdim=True))
 
 
 class _CBAMFunction(torch.autograd.Function):
@@ -340,42 +376,41 @@ class _CBAMFunction(torch.autograd.Function):
         x, a, ms, smax, cmax = ctx.saved_tensors
         pooled_c, gate_c, pooled_s, gate_s, avg_first, max_first = ctx.small
         n, c = x.shape[0], x.shape[1]
-        sdims = _spatial_dims(x)
-        a_b = a.view([n, c] + [1] * len(sdims))
+        bshape = [n, c] + [1] * (x.dim() - 2)
+        a_b = a.view(bshape)
         grad = grad.contiguous(memory_format=_memory_format(x))
 
-        # dL/dMs = sum_c grad * F'
+        # dL/dMs = sum_c grad * F', and the grad * Ms part of dL/dMc = sum_p dL/dF' * F
         buf = grad * x
         grad_ms = _channel_weighted_sum(buf, a)
+        grad_a = _spatial_weighted_sum(buf, ms)
         grads_s = torch.autograd.grad(gate_s, [pooled_s] + ctx.params_s, grad_ms, retain_graph=True, allow_unused=True)
-        g_mean, g_max = grads_s[0].unbind(1)
+        g_mean, g_max = grads_s[0].unsqueeze(2).unbind(1)
         if max_first:
             g_mean, g_max = g_max, g_mean
+        g_mean = g_mean / c
 
-        # dL/dF' = grad * Ms + dmean/C + (max indicator / ties) * dmax, built in ``buf``
+        # the channel max: an indicator of F' == max, its gradient shared among ties
         torch.mul(x, a_b, out=buf)
         torch.eq(buf, smax, out=buf)
-        ties = buf.sum(dim=1, keepdim=True)
-        torch.addcmul((g_mean / c).unsqueeze(1), buf, g_max.unsqueeze(1) / ties, out=buf)
-        buf.addcmul_(grad, ms)
-
-        # dL/dMc = sum_p dL/dF' * F
-        prod = buf * x
-        grad_a = prod.sum(dim=sdims)
+        coef = g_max / buf.sum(dim=1, keepdim=True)
+        # the mean and max parts of dL/dMc; at a maximum F' = smax, so F = smax / Mc there
+        grad_a += _spatial_weighted_sum(x, g_mean)
+        at_max = _spatial_weighted_sum(buf, smax * coef)
+        grad_a += torch.where(a > 0, at_max / a, 0.0)
         grads_c = torch.autograd.grad(gate_c, [pooled_c] + ctx.params_c, grad_a, retain_graph=True, allow_unused=True)
 
         grad_x = None
         if ctx.needs_input_grad[0]:
-            # dL/dF = Mc * dL/dF' + davg/P + (max indicator / ties) * dmax
+            # dL/dF = Mc * (grad * Ms + dmean/C + indicator * coef) + davg/P + spatial-max part, in ``buf``
             g_avg, g_cmax = grads_c[0].unbind(0)
             if not avg_first:
                 g_avg, g_cmax = g_cmax, g_avg
-            bshape = [n, c] + [1] * len(sdims)
-            grad_x = torch.eq(x, cmax.view(bshape), out=prod)
-            ties_c = grad_x.sum(dim=sdims, keepdim=True)
-            grad_x.mul_(g_cmax.view(bshape) / ties_c)
+            grad_x = torch.addcmul(g_mean, buf, coef, out=buf)
+            grad_x.addcmul_(grad, ms)
+            grad_x.mul_(a_b)
             grad_x.add_((g_avg / x[0, 0].numel()).view(bshape))
-            grad_x.addcmul_(buf, a_b)
+            _add_max_grad(grad_x, x, cmax.view(bshape), g_cmax.view(bshape))
 
         by_id = {id(p): g for p, g in zip(ctx.params_c, grads_c[1:])}
         by_id.update({id(p): g for p, g in zip(ctx.params_s, grads_s[1:])})

@@ -169,6 +169,35 @@ def test_max_ties_share_the_gradient_like_amax():
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
 
 
+@pytest.mark.parametrize("shape", [(5, 24, 7, 7), (3, 16, 6, 10)], ids=["odd-map", "even-map"])
+def test_blocked_passes_give_the_same_values_and_grads(shape, monkeypatch):
+    """Tiny block sizes force the sample-blocked pooling, the row-blocked max gradient and the folds."""
+    from cbam_insert import modules
+
+    m = randomize(CBAM(shape[1]))
+    x = torch.relu(torch.randn(shape))  # zeros: tied maxima too
+    xr = x.clone().requires_grad_()
+    ref = ref_cbam(m, xr)
+    g = torch.randn_like(ref)
+    want = torch.autograd.grad(ref, [xr, *m.parameters()], g)
+    monkeypatch.setattr(modules, "_BLOCK_BYTES", 64)
+    monkeypatch.setattr(modules, "_SCRATCH_BYTES", 64)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), ref, atol=1e-6, rtol=1e-6)
+    xg = x.clone().requires_grad_()
+    out = m(xg)
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+    got = torch.autograd.grad(out, [xg, *m.parameters()], g)
+    xp = x.clone().requires_grad_()
+    with torch.enable_grad():
+        plain = m._attend_fast(xp)  # amax's own backward: ties shared evenly
+    for a, b in zip(got, torch.autograd.grad(plain, [xp, *m.parameters()], g)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # where no channel is all zeros (no tied spatial maximum) the reference's gradient is the same
+    untied = x.flatten(2).amax(-1) > 0
+    torch.testing.assert_close(got[0][untied], want[0][untied], atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "shape"),
     [
