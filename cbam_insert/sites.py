@@ -372,10 +372,15 @@ def _carries_tensor(n: fx.Node) -> bool:
 
 
 def _upsamples(a: _Analysis, n: fx.Node) -> bool:
-    """Every feature map ``n`` reads is smaller than its output (interpolate, transposed conv)."""
+    """``n`` reads only channels-first maps smaller than its output (interpolate, transposed conv).
+    A permute back from the channels-last layout does not count: what it reads has another axis."""
     out = _tensor_info(n)
-    ins = [i for i in map(_tensor_info, a._inputs(n)) if i is not None and out is not None and len(i.shape) == len(out.shape)]
-    return bool(ins) and all(any(s < t for s, t in zip(i.shape[2:], out.shape[2:])) for i in ins)
+    if out is None:
+        return False
+    maps = [(i, info) for i in a._inputs(n) if (info := _tensor_info(i)) is not None and len(info.shape) == len(out.shape)]
+    return bool(maps) and all(
+        a.axis.get(i) == 1 and any(s < t for s, t in zip(info.shape[2:], out.shape[2:])) for i, info in maps
+    )
 
 
 def _rank(n: fx.Node | None) -> int | None:
