@@ -356,8 +356,9 @@ def _run(
             raise CBAMInsertError(f"output {out} is a directory; give a file name")
         if out.exists() and not force:
             raise CBAMInsertError(f"output {out} exists; pass --force to overwrite it")
-        if not out.parent.exists():
-            raise CBAMInsertError(f"output directory {out.parent} does not exist")
+        if not out.parent.is_dir():
+            what = "is not a directory" if out.parent.exists() else "does not exist"
+            raise CBAMInsertError(f"output directory {out.parent} {what}")
 
     selection: dict[str, Any] = {
         "include": include or None, "exclude": exclude or None, "stages": stage_range, "every": every,

@@ -242,6 +242,7 @@ def _written(tmp_path: Path) -> list[str]:
         (["{model}", "--format", "gif"], "--format 'gif'"),
         (["{model}", "-o", "{tmp}/no/such/dir/x.pt"], "does not exist"),
         (["{model}", "-o", "{tmp}"], "is a directory"),
+        (["{model}", "-o", "{model}/x.pt"], "is not a directory"),
         (["torchvision:nosuchnet"], "unknown torchvision model"),
         (["--weights", "{model}"], "--weights needs --arch"),
     ],
