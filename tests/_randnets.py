@@ -8,10 +8,11 @@ A spec is a dict of primitives (so a pickled model loads with the weights-only u
 ``RandNet(spec)`` builds the modules; its ``forward`` walks the spec, so the same spec always
 gives the same architecture and the same module names. ``spec_strategy()`` generates specs
 with hypothesis: conv/norm/activation units, residual blocks (identity or projection shortcut,
-merged by ``+``, ``+=``, ``torch.add`` or ``Tensor.add``, branch on either side), concatenations
-(inception and dense style), pooling (modules and functions), ``F.interpolate``, squeeze and
-excitation gates, top-down merges (pool, conv, upsample, add: not residual blocks) and
-element-wise functions, in 1-D, 2-D and 3-D.
+merged by ``+``, ``+=``, ``torch.add``, ``Tensor.add`` or ``Tensor.add_``, branch on either side),
+ConvNeXt blocks (a branch through the channels-last layout and back), Swin-style residual adds in
+the channels-last layout (not sites), concatenations (inception and dense style), pooling (modules
+and functions), ``F.interpolate``, squeeze and excitation gates, top-down merges (pool, conv,
+upsample, add: not residual blocks) and element-wise functions, in 1-D, 2-D and 3-D.
 
 The classes live at module level so that a pickled model can be loaded again.
 """
@@ -69,7 +70,8 @@ class ConvUnit(nn.Module):
 class ResBlock(nn.Module):
     """``branch(x) (+) shortcut(x)`` then an optional ReLU.
 
-    ``merge`` is ``plus`` (``a + b``), ``iadd`` (``a += b``), ``torch.add`` or ``Tensor.add``;
+    ``merge`` is ``plus`` (``a + b``), ``iadd`` (``a += b``), ``torch.add``, ``Tensor.add`` or
+    ``Tensor.add_``;
     ``branch_first`` puts the branch on the left of the merge. The branch is always longer
     than the shortcut, so it is the residual branch CBAM belongs on; its last unit has no
     activation (as in ResNet, which also keeps ``+=`` on it valid for autograd).
@@ -99,6 +101,8 @@ class ResBlock(nn.Module):
         elif self.merge == "iadd":
             out = left
             out += right
+        elif self.merge == "Tensor.add_":
+            out = left.add_(right)
         elif self.merge == "torch.add":
             out = torch.add(left, right)
         else:
@@ -147,6 +151,49 @@ class SEGate(nn.Module):
         return x * torch.sigmoid(self.fc2(F.relu(self.fc1(w))))
 
 
+def _to_last(x: torch.Tensor, dims: int) -> torch.Tensor:
+    """(N, C, *spatial) -> (N, *spatial, C)"""
+    return x.permute(0, *range(2, dims + 2), 1)
+
+
+def _to_first(x: torch.Tensor, dims: int) -> torch.Tensor:
+    """(N, *spatial, C) -> (N, C, *spatial)"""
+    return x.permute(0, dims + 1, *range(1, dims + 1))
+
+
+class ConvNeXtBlock(nn.Module):
+    """``x + permute(mlp(layer_norm(permute(dwconv(x)))))``: a residual branch that goes through the
+    channels-last layout and comes back to channels first, where CBAM belongs after the last permute."""
+
+    def __init__(self, dims: int, c: int) -> None:
+        super().__init__()
+        self.dims = dims
+        self.dw = _CONV[dims](c, c, 3, padding=1, groups=c)
+        self.norm = nn.LayerNorm(c)
+        self.fc1 = nn.Linear(c, 2 * c)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(2 * c, c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = _to_last(self.dw(x), self.dims)
+        return x + _to_first(self.fc2(self.act(self.fc1(self.norm(y)))), self.dims)
+
+
+class ChannelsLastBlock(nn.Module):
+    """Swin style: the residual add happens in the (N, *spatial, C) layout, so it is not a site."""
+
+    def __init__(self, dims: int, c: int) -> None:
+        super().__init__()
+        self.dims = dims
+        self.norm = nn.LayerNorm(c)
+        self.fc = nn.Linear(c, c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = _to_last(x, self.dims)
+        t = t + self.fc(self.norm(t))
+        return _to_first(t, self.dims)
+
+
 class Pool(nn.Module):
     """Stride-2 pooling, as a module (``max``/``avg``) or a function (``F.max``/``F.avg``)."""
 
@@ -189,6 +236,10 @@ class RandNet(nn.Module):
                 self.layers.append(Pool(d, p["kind"]))
             elif kind == "topdown":
                 self.layers.append(TopDown(d, c))
+            elif kind == "convnext":
+                self.layers.append(ConvNeXtBlock(d, c))
+            elif kind == "channels_last":
+                self.layers.append(ChannelsLastBlock(d, c))
             elif kind == "se":
                 self.layers.append(SEGate(d, c))
             else:  # "up" and "func" hold no parameters
@@ -229,7 +280,7 @@ def _layer(draw: st.DrawFn, dims: int, c: int, size: list[int]) -> tuple[list[An
     """One layer that fits the current channels and spatial size, and the new channels and size."""
     can_down = all(s >= 2 for s in size)
     even = all(s >= 2 and s % 2 == 0 for s in size)
-    kinds = ["conv", "res", "res", "cat", "func", "se"]
+    kinds = ["conv", "res", "res", "cat", "func", "se", "convnext", "channels_last"]
     if can_down:
         kinds.append("pool")
     if even:
@@ -247,8 +298,8 @@ def _layer(draw: st.DrawFn, dims: int, c: int, size: list[int]) -> tuple[list[An
         stride = draw(st.sampled_from([1, 2])) if can_down else 1
         out = draw(st.sampled_from([c, c, draw(_SMALL)]))
         proj = stride != 1 or out != c or draw(st.booleans())
-        merge = draw(st.sampled_from(["plus", "iadd", "torch.add", "Tensor.add"]))
-        branch_first = draw(st.booleans()) or (merge == "iadd" and not proj)  # never x += branch
+        merge = draw(st.sampled_from(["plus", "iadd", "torch.add", "Tensor.add", "Tensor.add_"]))
+        branch_first = draw(st.booleans()) or (merge in ("iadd", "Tensor.add_") and not proj)  # never x += branch
         p = {"out": out, "stride": stride, "n_units": draw(st.sampled_from([1, 2])) if not proj else 2,
              "merge": merge, "branch_first": branch_first, "proj": proj, "post_act": draw(st.booleans())}  # fmt: skip
         return ["res", p], out, [(s + stride - 1) // stride for s in size]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _randnets import RandNet, ResBlock, spec_strategy
+from _randnets import ConvNeXtBlock, RandNet, ResBlock, spec_strategy
 from hypothesis import HealthCheck, given, settings
 from torch import nn
 
@@ -41,10 +41,11 @@ def _spatial(t: torch.Tensor) -> bool:
 
 
 def _expected_sites(model: nn.Module, x: torch.Tensor, after: str) -> dict[str, str] | None:
-    """What an eager run says the sites are: {site name: residual branch end} for ``block``,
+    """What an eager run says the sites are: {block module: residual branch end} for ``block``,
     {conv module path: ""} for ``conv``; ``None`` where there is no oracle (``stage``).
 
-    A site is a map with a spatial extent: 1x1 maps are global descriptors, never sites.
+    A site is a map with a spatial extent: 1x1 maps are global descriptors, never sites. Residual
+    adds in the channels-last layout (``ChannelsLastBlock``) and top-down merges are not sites.
     """
     if after == "stage":
         return None
@@ -63,6 +64,8 @@ def _expected_sites(model: nn.Module, x: torch.Tensor, after: str) -> dict[str, 
             handles.append(mod.register_forward_hook(record(name, "")))
         if after == "block" and isinstance(mod, ResBlock):
             handles.append(mod.register_forward_hook(record(name, f"{name}.branch.{len(mod.branch) - 1}.norm")))
+        if after == "block" and isinstance(mod, ConvNeXtBlock):  # the branch ends with the permute back
+            handles.append(mod.register_forward_hook(record(name, f"{name}.permute:1")))
     with torch.no_grad():
         model(x)
     for h in handles:
@@ -166,3 +169,16 @@ def test_top_down_merge_through_a_one_pixel_level_is_not_a_residual_block() -> N
     sites = {s.name: s for s in find_sites(model, "block", (model.example_input(),))}
     assert sites["layers.1.add"].used and sites["layers.1.add"].operand == "layers.1.branch.1.norm"
     assert not sites["layers.2.add"].used and sites["layers.2.add"].reason.startswith("top-down merge")
+
+
+def test_convnext_block_wider_than_its_channels_is_a_residual_block() -> None:
+    """Regression: the permute back from channels-last (N, H, W, C), with C < W, is not an upsample."""
+    spec = {"dims": 2, "in_ch": 2, "size": [4, 4], "head": "map", "layers": [
+        ["conv", {"out": 3, "k": 3, "stride": 1, "norm": "bn", "act": "relu"}],
+        ["convnext", {}],
+        ["channels_last", {}],
+    ]}  # fmt: skip
+    model = RandNet(spec).eval()
+    sites = {s.name: s for s in find_sites(model, "block", (model.example_input(),))}
+    assert sites["layers.1.add"].used and sites["layers.1.add"].operand == "layers.1.permute:1"
+    assert not sites["layers.2.add"].used and "channel axis is 3" in sites["layers.2.add"].reason
