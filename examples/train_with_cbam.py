@@ -14,7 +14,7 @@ it. The script
 
 Run::
 
-    python examples/train_with_cbam.py                # 60 steps, batch 32
+    python examples/train_with_cbam.py                # 40 steps, batch 32
     python examples/train_with_cbam.py --steps 3      # a smoke run
 """
 
@@ -32,19 +32,19 @@ from cbam_insert import find_sites, insert_cbam
 
 def quadrant_batch(n: int, size: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Noise images with one bright square; the label is the quadrant (0..3) it lies in."""
-    x = 0.3 * torch.rand(n, 3, size, size, generator=gen)
+    x = 0.6 * torch.rand(n, 3, size, size, generator=gen)
     y = torch.randint(0, 4, (n,), generator=gen)
     half, side = size // 2, size // 4
     for i, q in enumerate(y.tolist()):
         top = (q // 2) * half + int(torch.randint(0, half - side + 1, (1,), generator=gen))
         left = (q % 2) * half + int(torch.randint(0, half - side + 1, (1,), generator=gen))
-        x[i, :, top : top + side, left : left + side] += 0.7
+        x[i, :, top : top + side, left : left + side] += 0.25
     return x, y
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Patch ResNet-18 with CBAM and train it on a synthetic task")
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--size", type=int, default=64, help="image side (>= 64 keeps every block a site)")
     parser.add_argument("--threads", type=int, default=2)
