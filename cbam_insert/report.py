@@ -24,6 +24,7 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from collections.abc import Iterable, Sequence
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
 from .modules import CBAM
@@ -87,11 +89,46 @@ def count_params(model: nn.Module) -> int:
     return sum(seen.values())
 
 
-def count_macs(model: nn.Module, example_inputs: tuple[Any, ...]) -> tuple[int, dict[str, int]]:
+def count_macs(
+    model: nn.Module, example_inputs: tuple[Any, ...], *, on_meta: bool = True
+) -> tuple[int, dict[str, int]]:
     """Total MACs of one eval-mode forward, and MACs per CBAM module (by qualified name).
 
-    Works on the meta device too (model and inputs on ``meta``): only shapes are needed.
+    Only shapes matter, so by default the forward runs on a copy of the model whose parameters,
+    buffers and inputs are on the meta device: no arithmetic, no memory, the same counts. Models
+    whose forward needs values (data-dependent control flow, ``.item()``, NMS) are counted on
+    their real tensors instead.
     """
+    if on_meta and not any(p.is_meta for p in model.parameters()):
+        counted = _count_on_meta(model, example_inputs)
+        if counted is not None:
+            return counted
+    return _count(model, example_inputs)
+
+
+def _count_on_meta(model: nn.Module, example_inputs: tuple[Any, ...]) -> tuple[int, dict[str, int]] | None:
+    """``_count`` on a meta copy, or None when the forward needs real values."""
+    try:
+        meta_inputs = tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, example_inputs)
+        return _count(_meta_copy(model), meta_inputs)
+    except Exception:  # noqa: BLE001 - whatever the meta device cannot run is counted for real
+        return None
+
+
+def _meta_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose parameters and buffers are empty meta tensors."""
+    memo: dict[int, Any] = {}
+    for mod in model.modules():
+        for p in mod._parameters.values():
+            if p is not None:
+                memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+        for b in mod._buffers.values():
+            if b is not None:
+                memo[id(b)] = torch.empty_like(b, device="meta")
+    return copy.deepcopy(model, memo)
+
+
+def _count(model: nn.Module, example_inputs: tuple[Any, ...]) -> tuple[int, dict[str, int]]:
     was_training = model.training
     model.eval()
     fastpath = torch.backends.mha.get_fastpath_enabled()

@@ -202,11 +202,23 @@ def test_count_params_counts_shared_tensors_once():
     assert count_params(model) == 20
 
 
-def test_meta_device_count_equals_real_count():
+def test_counting_on_meta_copy_equals_counting_real_tensors():
     model = torchvision.models.resnet18()
-    real = count_macs(model, (torch.rand(1, 3, 96, 96),))[0]
-    meta = count_macs(model.to("meta"), (torch.empty(1, 3, 96, 96, device="meta"),))[0]
-    assert real == meta > 0
+    x = torch.rand(1, 3, 96, 96)
+    patched = insert_cbam(model, after="conv", example_inputs=(x,))
+    for m in (model, patched):
+        real = count_macs(m, (x,), on_meta=False)
+        assert count_macs(m, (x,)) == real and real[0] > 0
+    assert all(p.device.type == "cpu" for p in patched.parameters())  # the model itself is untouched
+    meta = count_macs(model.to("meta"), (torch.empty(1, 3, 96, 96, device="meta"),))
+    assert meta == count_macs(torchvision.models.resnet18(), (x,), on_meta=False)
+
+
+def test_data_dependent_forward_is_counted_on_real_tensors():
+    model = Nested()  # ``if x.sum() > 0`` cannot run on the meta device
+    x = torch.rand(1, 3, 32, 32)
+    assert count_macs(model, (x,)) == count_macs(model, (x,), on_meta=False)
+    assert count_macs(model, (x,))[0] == 3 * 16 * 16 * 32 * 9 + 32 * 32 * 9 * (16 * 16 + 8 * 8 + 8 * 8)
 
 
 # ----------------------------------------------------------------------------- torchvision metadata
