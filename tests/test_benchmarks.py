@@ -37,7 +37,7 @@ def test_import_does_not_load_optional_heavy_packages(module):
 
 def test_bench_model_quick_runs_and_reports_ratios(tmp_path):
     out = tmp_path / "rows.json"
-    proc = _run("benchmarks/bench_model.py", "--quick", "--models", "resnet18", "--json", str(out))
+    proc = _run("benchmarks/bench_model.py", "--quick", "--models", "resnet18", "--threads", "1", "--json", str(out))
     assert "ratio" in proc.stdout
     rows = json.loads(out.read_text())
     assert {(r["layout"], r["mode"]) for r in rows} == {("contiguous", "eager"), ("channels_last", "eager")}
@@ -50,7 +50,7 @@ def test_bench_model_quick_runs_and_reports_ratios(tmp_path):
 
 def test_bench_model_profile_quick_prints_op_tables():
     proc = _run("benchmarks/bench_model.py", "--quick", "--models", "resnet18", "--layouts", "contiguous",
-                "--profile", "--reps", "1")  # fmt: skip
+                "--threads", "1", "--profile")  # fmt: skip
     assert "project CBAM" in proc.stdout and "seed CBAM" in proc.stdout
 
 
