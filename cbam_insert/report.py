@@ -33,7 +33,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
 from .modules import CBAM
@@ -52,9 +51,11 @@ __all__ = [
     "cost_report",
     "count_macs",
     "count_params",
+    "module_tree",
     "render_bench",
     "render_report",
     "report_dict",
+    "site_cost",
 ]
 
 FLOP_NOTE = (
@@ -109,10 +110,19 @@ def count_macs(
 def _count_on_meta(model: nn.Module, example_inputs: tuple[Any, ...]) -> tuple[int, dict[str, int]] | None:
     """``_count`` on a meta copy, or None when the forward needs real values."""
     try:
-        meta_inputs = tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, example_inputs)
-        return _count(_meta_copy(model), meta_inputs)
+        return _count(_meta_copy(model), _to_meta(example_inputs))
     except Exception:  # noqa: BLE001 - whatever the meta device cannot run is counted for real
         return None
+
+
+def _to_meta(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to("meta")
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_meta(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _to_meta(v) for k, v in value.items()}
+    return value
 
 
 def _meta_copy(model: nn.Module) -> nn.Module:
