@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 import inspect
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -150,16 +150,15 @@ def find_sites(
     return sites
 
 
-def _no_site_error(model: nn.Module, after: str, sites: list[Site], inputs: tuple[Any, ...]) -> CBAMInsertError:
+def _no_site_error(model: nn.Module, after: str, sites: list[Site], inputs: tuple[Any, ...], sel: Selection) -> CBAMInsertError:
     others = []
+    units = trace_units(model, inputs).units
     for p in PLACEMENTS:
         if p == after:
             continue
-        try:
-            if any(s.used for u in trace_units(model, inputs).units for s in find_unit_sites(u, p)):
-                others.append(p)
-        except CBAMInsertError:
-            continue
+        found = [s for u in units for s in find_unit_sites(u, p)]
+        if any(s.used for s in select_sites(found, sel)):
+            others.append(p)
     reasons = sorted({s.reason for s in sites})
     why = f"; skipped: {'; '.join(reasons[:3])}" if reasons else ""
     alt = f"; placements that find sites here: {', '.join(others)}" if others else "; no placement finds a site in this model"
@@ -215,7 +214,7 @@ def insert_cbam(
         sites = [_allow(s) for s in sites]
     used = [s for s in sites if s.used]
     if not used:
-        raise _no_site_error(work, after, sites, inputs)
+        raise _no_site_error(work, after, sites, inputs, sel)
     rng = torch.random.fork_rng(devices=[]) if seed is not None else _nullcontext()
     with rng:
         if seed is not None:
@@ -226,6 +225,8 @@ def insert_cbam(
             return cbam.to(dtype=getattr(torch, site.dtype) if site.dtype else None)
 
         result, modules = _splice_all(work, traced, sites, make)
+    actual = iter(modules)  # the names splicing gave, in site order (``_2`` after a repatch)
+    sites = [replace(s, module_name=next(actual)) if s.used else s for s in sites]
     report = PatchReport(after, sites, modules, [u.path or "<model>" for u in traced.units], traced.skipped)
     step = {
         "after": after,
@@ -256,8 +257,6 @@ class _nullcontext:
 
 
 def _allow(site: Site) -> Site:
-    from dataclasses import replace
-
     if not site.used and site.reason.startswith("already has CBAM"):
         return replace(site, used=True, reason="another CBAM (allow_repatch)")
     return site

@@ -75,7 +75,7 @@ class Site:
         return {
             "name": self.name,
             "kind": self.kind,
-            "channels": self.channels,
+            "channels": self.channels or None,
             "shape": list(self.shape),
             "used": self.used,
             "reason": self.reason,
@@ -458,7 +458,7 @@ def _site(a: _Analysis, kind: str, name_key: str, node: fx.Node, operand: fx.Nod
     return Site(
         name=a.unit.full_name(name_key),
         kind=kind,
-        channels=int(shape[1]) if ok else (int(shape[1]) if len(shape) > 1 else 0),
+        channels=_channels(a, target, shape),
         shape=tuple(int(s) for s in shape),
         used=ok,
         reason=reason if ok else why,
@@ -581,7 +581,12 @@ def _block_sites(a: _Analysis) -> list[Site]:
 def _skip(a: _Analysis, kind: str, key: str, n: fx.Node, reason: str) -> Site:
     info = _tensor_info(n)
     shape = tuple(int(s) for s in info.shape) if info is not None else ()
-    return Site(a.unit.full_name(key), kind, int(shape[1]) if len(shape) > 1 else 0, shape, False, reason, a.unit.path, key)
+    return Site(a.unit.full_name(key), kind, _channels(a, n, shape), shape, False, reason, a.unit.path, key)
+
+
+def _channels(a: _Analysis, n: fx.Node, shape: Sequence[int]) -> int:
+    """dim 1 of a channels-first tensor; 0 (unknown) when dim 1 is not a channel axis."""
+    return int(shape[1]) if len(shape) > 1 and a.axis.get(n) == 1 else 0
 
 
 def _cut_vertices(a: _Analysis) -> list[fx.Node]:
@@ -746,7 +751,7 @@ def select_sites(sites: Iterable[Site], sel: Selection) -> list[Site]:
         if why is None:
             kept += 1
             if (kept - 1) % sel.every != 0:
-                why = f"not every {sel.every}th site"
+                why = f"not one of every {sel.every} sites"
             elif sel.max_sites is not None and (kept - 1) // sel.every >= sel.max_sites:
                 why = f"beyond max_sites {sel.max_sites}"
         out.append(s if why is None else replace(s, used=False, reason=why))
