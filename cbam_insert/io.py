@@ -683,8 +683,9 @@ def save_model(
     """
     path = Path(path)
     fmt = _resolve_format(path, format)
-    if not path.parent.exists():
-        raise CBAMInsertError(f"{path.parent}: output directory does not exist")
+    if not path.parent.is_dir():
+        what = "is not a directory" if path.parent.exists() else "output directory does not exist"
+        raise CBAMInsertError(f"{path.parent}: {what}")
     if path.is_dir():
         raise CBAMInsertError(f"{path}: is a directory; give a file name")
     if path.exists() and not force:
