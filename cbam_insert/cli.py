@@ -202,7 +202,9 @@ def main_command(
         "original did while staying trainable, for pretrained weights [default: default]: --init identity.",
     )] = None,
     seed: Annotated[int | None, typer.Option(
-        "--seed", metavar="N", show_default=False, help="Seed for the new CBAM weights (reproducible files): --seed 0.",
+        "--seed", metavar="N", show_default=False,
+        help="Seed for the new CBAM weights and for the random weights of a built-in torchvision:/timm: "
+        "model (reproducible files): --seed 0.",
     )] = None,
     arch: Annotated[str | None, typer.Option(
         "--arch", metavar="SPEC", show_default=False,
@@ -372,7 +374,9 @@ def _run(
         from .api import PatchReport, describe_inputs, find_sites, insert_cbam, make_inputs
         from .report import benchmark, cost_report, render_bench, render_report, report_dict
 
-        with step(f"loading {src}"):
+        with step(f"loading {src}"), torch.random.fork_rng(devices=[]):
+            if seed is not None:  # a built-in spec's random weights are part of a reproducible file too
+                torch.manual_seed(seed)
             model = load_model(src, arch=arch, trust=trust).to(dev)
         inputs = None
         if shape is not None:
