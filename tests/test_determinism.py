@@ -70,7 +70,7 @@ def _cli(args: list[str]) -> None:
     assert result.exit_code == 0, result.output
 
 
-@pytest.mark.parametrize("source", ["file"])
+@pytest.mark.parametrize("source", ["file", "torchvision:resnet18"])
 def test_cli_twice_in_process_gives_identical_names_and_with_seed_identical_state_dicts(
     source: str, model_file: Path, tmp_path: Path
 ) -> None:
