@@ -590,7 +590,8 @@ def _channels(a: _Analysis, n: fx.Node, shape: Sequence[int]) -> int:
 
 
 def _cut_vertices(a: _Analysis) -> list[fx.Node]:
-    order = [n for n in a.nodes if n not in a.const and n.op != "output"]
+    # shape reads (x.shape[-2:] kept for a final resize, as in FCN) are not dataflow: they span no stage
+    order = [n for n in a.nodes if n not in a.const and n.op != "output" and _carries_tensor(n)]
     pos = {n: i for i, n in enumerate(order)}
     cuts, reach = [], -1
     for i, n in enumerate(order):
