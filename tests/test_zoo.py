@@ -63,6 +63,16 @@ def test_no_site_row_passes_only_for_the_expected_reason() -> None:
     assert rows["conv"].passed and rows["conv"].used == 1  # the patchify conv
 
 
+def test_stage_sites_of_a_segmentation_model_ignore_its_shape_read() -> None:
+    import torchvision
+
+    from cbam_insert import find_sites
+
+    model = torchvision.models.segmentation.fcn_resnet50(weights=None, weights_backbone=None).eval()
+    names = [s.name for s in find_sites(model, after="stage", example_inputs=(torch.rand(1, 3, 64, 64),)) if s.used]
+    assert names[0] == "backbone.layer1"  # x.shape[-2:], read first and used last, spans no stage
+
+
 def test_compare_reports_shape_and_value_differences() -> None:
     a = {"out": torch.zeros(2, 3), "aux": [torch.ones(1)]}
     assert zoo.compare(a, {"out": torch.zeros(2, 3), "aux": [torch.ones(1)]}) is None
