@@ -94,6 +94,7 @@ class Spec:
     eval_args: Callable[[], tuple[Any, ...]]
     train_args: Callable[[], tuple[Any, ...]]
     note: str = ""
+    backward: bool = True
 
 
 def builders(tasks: Sequence[str] = TASKS) -> list[tuple[str, str]]:
@@ -165,6 +166,10 @@ def spec_for(name: str, task: str) -> Spec:
             t, s = 16, 224  # the head's fixed (2, 7, 7) average pool
         elif name.startswith("swin3d"):
             t, s = 2, 28  # one 1x7x7 window after the 2x4x4 patches
+        if name.startswith("mvit"):
+            note = "train: forward only (a backward at 16×224×224 needs over 8 GB)"
+            args = (lambda: (_rand(1, 3, t, s, s),), lambda: (_rand(n, 3, t, s, s, seed=1),))
+            return Spec(name, task, kwargs, *args, note, backward=False)
         return Spec(name, task, kwargs, lambda: (_rand(1, 3, t, s, s),), lambda: (_rand(n, 3, t, s, s, seed=1),), note)
     if task == "optical_flow":
         return Spec(
@@ -493,12 +498,14 @@ def _check_placement(
     saved = _buffers(patched)
     patched.train()
     torch.manual_seed(0)
-    out_train = patched(*train_args)
+    with torch.set_grad_enabled(spec.backward):
+        out_train = patched(*train_args)
     problem = compare(ref_train, out_train)
     if problem:
         raise AssertionError(problem)
-    row.checks.append("backward")
-    _backward(out_train)
+    if spec.backward:
+        row.checks.append("backward")
+        _backward(out_train)
     patched.zero_grad(set_to_none=True)
     _restore(patched, saved)
 
