@@ -640,6 +640,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.merge:
         merged = {(r["model"], r["placement"]): r for p in args.merge for r in json.loads(Path(p).read_text())}
         rows = [Row(**r) for r in merged.values()]  # a later part's row replaces an earlier one
+        rows += [
+            Row(n, t, p, "", reason="not run: the parts merged here stop before this builder")
+            for n, t in builders()
+            for p in PLACEMENTS
+            if (n, p) not in merged
+        ]
         order = {n: i for i, (n, _) in enumerate(builders())}
         rows.sort(key=lambda r: (order.get(r.model, len(order)), PLACEMENTS.index(r.placement)))
     else:
