@@ -365,6 +365,9 @@ def load_model(source: str | Path, arch: str | nn.Module | None = None, trust: b
         return build_arch(text)
     path = Path(source)
     if not path.exists():
+        lib, sep, name = text.partition(":")
+        if sep and len(lib) > 1 and lib.isidentifier() and name and not any(c in name for c in "/\\"):
+            raise CBAMInsertError(f"{text}: no such file, and {lib!r} is not a model library; use torchvision:NAME or timm:NAME")
         raise CBAMInsertError(f"{path}: no such file")
     if path.is_dir():
         raise CBAMInsertError(f"{path}: is a directory, expected a model file")
