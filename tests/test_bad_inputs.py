@@ -13,6 +13,7 @@ import pickle
 import random
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -60,7 +61,9 @@ def write_inputs(d: Path) -> Path:
     torch.save(torch.randn(3, 4), d / "tensor.pt")
     torch.save({"epoch": 3, "optimizer": "sgd", "lr": 0.1}, d / "dict.pt")
     torch.save(model.state_dict(), d / "weights.pth")
-    torch.jit.save(torch.jit.script(model), d / "scripted.pt")
+    with warnings.catch_warnings():  # TorchScript is deprecated, but users still have such files
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.save(torch.jit.script(model), d / "scripted.pt")
     torch.save(_Evil(d / MARKER), d / "evil.pt", pickle_protocol=2)
     with open(d / "evil.pkl", "wb") as f:
         pickle.dump(_Evil(d / MARKER), f)
@@ -104,7 +107,7 @@ CLI_CASES = [
     ("malicious-pickle", ["{d}/evil.pt"], "--trust"),
     ("malicious-plain-pickle", ["{d}/evil.pkl"], "--trust"),
     ("unknown-arch", ["torchvision:resnet999", "-o", "{w}/out.pt"], "resnet999"),
-    ("unknown-model-library", ["keras:resnet50", "-o", "{w}/out.pt"], "keras"),
+    ("unknown-model-library", ["keras:resnet50", "-o", "{w}/out.pt"], "not a model library"),
     ("weights-without-arch", ["--weights", "{d}/weights.pth", "-o", "{w}/out.pt"], "--arch"),
     ("arch-that-does-not-fit", ["{d}/weights.pth", "--arch", "torchvision:resnet18", "-o", "{w}/out.pt"], "weights.pth"),
     ("malformed-input-shape", ["{d}/tiny.pt", "--after", "conv", "--input-shape", "1,3,abc"], "--input-shape"),
