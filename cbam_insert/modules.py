@@ -207,7 +207,7 @@ def _channel_weighted_sum(t: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """``sum_c a[n, c] * t[n, c, ...]`` as (N, 1, *spatial), one pass over ``t``."""
     n, c = t.shape[0], t.shape[1]
     if t.is_contiguous():
-        out = torch.bmm(a.unsqueeze(1), t.view(n, c, -1))
+        out = torch.bmm(a.unsqueeze(1), t.view(n, c, _plane(t)))
         return out.view([n, 1] + list(t.shape[2:]))
     return (t * a.view([n, c] + [1] * (t.dim() - 2))).sum(dim=1, keepdim=True)
 
@@ -230,7 +230,7 @@ def _channel_max_eager(x: torch.Tensor) -> torch.Tensor:
     an odd number of positions (7x7) that is several times slower than halving the channels
     with ``torch.maximum``, which gives bit-identical results (a max is exact).
     """
-    if _no_folding(x) or x.shape[1] < 16 or not _odd_small(x[0, 0].numel()):
+    if _no_folding(x) or x.shape[1] < 16 or not _odd_small(_plane(x)):
         return x.amax(dim=1, keepdim=True)
     return _fold_max(x, 1).amax(dim=1, keepdim=True)
 
@@ -238,10 +238,18 @@ def _channel_max_eager(x: torch.Tensor) -> torch.Tensor:
 @torch.jit.unused
 def _spatial_max_eager(x: torch.Tensor) -> torch.Tensor:
     """``x.amax(dim=spatial dims)``, (N, C), by the same folding when maps are small."""
-    size = x[0, 0].numel()
+    size = _plane(x)
     if _no_folding(x) or not _odd_small(size):
         return x.amax(dim=_spatial_dims(x))
     return _fold_max(x.view(x.shape[0], x.shape[1], size), 2).amax(dim=2)
+
+
+def _plane(x: torch.Tensor) -> int:
+    """Positions in one (sample, channel) map; defined for an empty batch too."""
+    size = 1
+    for d in x.shape[2:]:
+        size *= int(d)
+    return size
 
 
 def _odd_small(size: int) -> bool:
@@ -250,8 +258,11 @@ def _odd_small(size: int) -> bool:
 
 
 def _no_folding(x: torch.Tensor) -> bool:
-    # amax's own backward splits a tied maximum evenly; a graph through folds would not
-    return _tracing() or not x.is_contiguous() or (torch.is_grad_enabled() and x.requires_grad)
+    # amax's own backward splits a tied maximum evenly; a graph through folds would not.
+    # The folds were measured on CPUs; on a GPU each is one more kernel launch.
+    return (
+        _tracing() or x.device.type != "cpu" or not x.is_contiguous() or (torch.is_grad_enabled() and x.requires_grad)
+    )
 
 
 def _fold_max(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -282,7 +293,8 @@ def _refine_and_pool_eager(x: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tens
         else max(1, _BLOCK_BYTES // (x[0].numel() * x.element_size()))
     )
     needs_graph = torch.is_grad_enabled() and (x.requires_grad or a.requires_grad)
-    if step >= n or needs_graph or _tracing() or not x.is_contiguous():
+    # CPU caches only: on a GPU the blocks would be one sample per kernel launch
+    if step >= n or needs_graph or _tracing() or not x.is_contiguous() or x.device.type != "cpu":
         refined = x * a
         return refined, refined.mean(dim=1, keepdim=True), _channel_max_eager(refined)
     refined = torch.empty_like(x)
@@ -300,7 +312,7 @@ def _spatial_weighted_sum(t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``sum_p t[n, c, p] * w[n, 0, p]`` as (N, C), one pass over ``t``; ``w`` is (N, 1, *spatial)."""
     n, c = t.shape[0], t.shape[1]
     if t.is_contiguous():
-        return torch.bmm(w.reshape(n, 1, -1), t.view(n, c, -1).transpose(1, 2)).view(n, c)
+        return torch.bmm(w.reshape(n, 1, _plane(t)), t.view(n, c, _plane(t)).transpose(1, 2)).view(n, c)
     return (t * w).sum(dim=_spatial_dims(t))
 
 
@@ -317,7 +329,7 @@ def _add_max_grad(out: torch.Tensor, x: torch.Tensor, mx: torch.Tensor, g: torch
         hit = torch.eq(x, mx).to(x.dtype)
         out.addcmul_(hit, g / hit.sum(dim=_spatial_dims(x), keepdim=True))
         return
-    rows, size = n * c, x[0, 0].numel()
+    rows, size = n * c, _plane(x)
     xv, ov, mv, gv = x.view(rows, size), out.view(rows, size), mx.reshape(rows, 1), g.reshape(rows, 1)
     step = max(1, _SCRATCH_BYTES // (size * x.element_size()))
     scratch = x.new_empty(min(step, rows), size)
@@ -418,7 +430,7 @@ class _CBAMFunction(torch.autograd.Function):
             grad_x = torch.addcmul(g_mean, buf, coef, out=buf)
             grad_x.addcmul_(grad, ms)
             grad_x.mul_(a_b)
-            grad_x.add_((g_avg / x[0, 0].numel()).view(bshape))
+            grad_x.add_((g_avg / _plane(x)).view(bshape))
             _add_max_grad(grad_x, x, cmax.view(bshape), g_cmax.view(bshape))
 
         by_id = {id(p): g for p, g in zip(ctx.params_c, grads_c[1:])}
@@ -546,13 +558,17 @@ class CBAM(nn.Module):
         assert cg is not None and sg is not None
         shape: list[int] = [x.shape[0], self.channels] + [1] * self.dims
         a = torch.sigmoid(cg.logits(x)).view(shape)
+        compiling = False
         if torch.jit.is_scripting():
             refined = x * a
             mean, smax = refined.mean(dim=1, keepdim=True), refined.amax(dim=1, keepdim=True)
         else:
             refined, mean, smax = _refine_and_pool_eager(x, a)
+            compiling = _tracing()
         ms = torch.sigmoid(sg.head(sg.stack(mean, smax)))
-        if torch.is_grad_enabled() and (refined.requires_grad or ms.requires_grad):
+        # a compiler fuses ``F' * Ms`` with the product that made F' and never writes F' out,
+        # unless F' is updated in place
+        if compiling or (torch.is_grad_enabled() and (refined.requires_grad or ms.requires_grad)):
             return refined * ms
         # nothing records F', so the output can reuse its memory
         return refined.mul_(ms)
