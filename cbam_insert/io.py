@@ -253,6 +253,7 @@ TORCHVISION_HELPERS = frozenset({
     "torchvision.models.detection._utils.Matcher",
     "torchvision.models.detection._utils.SSDMatcher",
     "torchvision.ops.boxes.box_iou",
+    "torchvision.ops.poolers.LevelMapper",  # five numbers (k_min, k_max, scale, level, eps), set on a first run
     "torchvision.models.optical_flow.raft._pass_through_h",
 })  # fmt: skip
 

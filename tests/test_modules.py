@@ -563,3 +563,15 @@ def test_onnx_export_runs_in_onnxruntime(kwargs, tmp_path):
     with torch.no_grad():
         want = m(y)
     torch.testing.assert_close(torch.from_numpy(got), want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("spatial", [(14, 14), (7, 7)])
+def test_empty_batch_passes_through(spatial):
+    """Mask R-CNN's mask head sees zero RoIs when nothing is detected."""
+    cbam = CBAM(256)
+    x = torch.zeros(0, 256, *spatial, requires_grad=True)
+    out = cbam(x)
+    assert out.shape == x.shape
+    out.sum().backward()
+    with torch.no_grad():
+        assert cbam.eval()(x).shape == x.shape
