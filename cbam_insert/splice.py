@@ -84,12 +84,16 @@ def splice_unit(unit: Unit, sites: Sequence[Site], make: Callable[[Site], CBAM])
 
 
 def _adopt_tree(gm: fx.GraphModule, root: nn.Module) -> None:
-    """Give ``gm`` the root's own children, parameters and buffers, in the root's order.
+    """Give ``gm`` the root's own children, parameters, buffers and plain attributes, in the root's order.
 
     GraphModule copies only what its graph calls, into plain ``nn.Module`` containers; taking
     the original subtrees keeps containers indexable (``model.layer1[0]``) and keeps every
     original state-dict key, even of modules the graph does not call.
     """
+    for key, value in root.__dict__.items():
+        # plain attributes the caller's code may read (RAFT reads update_block.hidden_state_size)
+        if not key.startswith("_") and key not in gm.__dict__ and not hasattr(type(gm), key):
+            gm.__dict__[key] = value
     gm._modules.clear()
     for name, child in root.named_children():
         gm._modules[name] = child

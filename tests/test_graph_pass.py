@@ -339,3 +339,31 @@ def test_official_variant_on_resnet50_has_the_papers_parameter_count():
     # the seed's bias-free module: 2*C*(C//16) + 2*7*7 per block, C = 256/512/1024/2048 x 3/4/6/3
     expected = sum(n * (2 * c * (c // 16) + 98) for c, n in [(256, 3), (512, 4), (1024, 6), (2048, 3)])
     assert sum(p.numel() for p in seed.parameters()) - sum(p.numel() for p in model.parameters()) == expected
+
+
+class _Inner(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.width = 8  # a plain attribute the parent reads, as RAFT reads update_block.hidden_state_size
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        return x + self.conv(x)
+
+
+class _Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = _Inner()
+
+    def forward(self, x):
+        if x.sum() > float("inf"):  # data-dependent control flow: FX cannot trace this
+            return x
+        return self.inner(x)[:, : self.inner.width]
+
+
+def test_patched_submodules_keep_their_plain_attributes():
+    patched = insert_cbam(_Untraceable(), after="block", example_inputs=(torch.randn(1, 8, 8, 8),))
+    assert patched.cbam_report.modules == ["inner.cbam_add"]
+    assert patched.inner.width == 8
+    assert patched(torch.randn(1, 8, 8, 8)).shape == (1, 8, 8, 8)
