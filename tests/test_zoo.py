@@ -40,7 +40,7 @@ def _passing_in_doc() -> set[str]:
     return {name for name, ok in rows.items() if ok and all(ok)}
 
 
-# CI re-runs every builder that passed the last full sweep and weighs under 50M parameters
+# CI re-runs every builder that passed the last sweep and weighs under 50M parameters
 # (about 5 CPU-minutes); CBAM_ZOO=full re-runs all 109, as `python -m cbam_insert.zoo` does.
 _FULL = os.environ.get("CBAM_ZOO") == "full"
 _PASSING = _passing_in_doc()
