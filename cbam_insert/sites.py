@@ -642,10 +642,10 @@ def _shallowest_output(group: list[fx.Node], last: dict[str, fx.Node]) -> fx.Nod
     return [n for n in group if _scope_depth(n, last) == best][-1]
 
 
-def _stage_sites(a: _Analysis) -> list[Site]:
+def _stage_sites(a: _Analysis, ends: Sequence[fx.Node]) -> list[Site]:
     last = a.scope_last_nodes()
     sites = []
-    for n in stage_ends(a, _block_sites(a)):
+    for n in ends:
         scopes = [p for p, _ in (n.meta.get("nn_module_stack") or {}).values() if last.get(p) is n]
         name = scopes[0] if scopes else a.keys[n]
         sites.append(_site(a, "stage", name, n, reason="stage output"))
@@ -688,15 +688,17 @@ def _matcher(pattern: str):  # type: ignore[no-untyped-def]
 def find_unit_sites(unit: Unit, after: str) -> list[Site]:
     """All candidate sites of one traced unit for one placement, used or skipped, in graph order."""
     a = _Analysis(unit)
+    blocks = _block_sites(a)  # stage ends need the residual merges whatever the placement
+    end_nodes = stage_ends(a, blocks)
     if after == "conv":
         sites = _conv_sites(a)
     elif after == "block":
-        sites = _block_sites(a)
+        sites = blocks
     elif after == "stage":
-        sites = _stage_sites(a)
+        sites = _stage_sites(a, end_nodes)
     else:
         sites = _module_sites(a, after)
-    ends = [a.index[n] for n in stage_ends(a, _block_sites(a) if after != "block" else sites)]
+    ends = [a.index[n] for n in end_nodes]
     out = []
     for s in sites:
         idx = a.index[a.by_key[s.key]]
