@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 __all__ = ["CBAM", "INITS", "ORDERS", "POOL_TYPES", "VARIANTS", "ChannelAttention", "SpatialAttention"]
 
@@ -190,7 +191,10 @@ class SpatialAttention(nn.Module):
 
     def head(self, pooled: torch.Tensor) -> torch.Tensor:
         """Pre-sigmoid map (N, 1, *spatial) from the pooled 2-channel input."""
-        out = self.conv(pooled)
+        if torch.jit.is_scripting():
+            out = self.conv(pooled)
+        else:
+            out = _small_conv_eager(self.conv, pooled)
         if self.norm is not None:
             out = self.norm(out)
         return out
@@ -201,6 +205,36 @@ class SpatialAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.logits(x))
+
+
+# positions (batch x map) up to which PyTorch's native kernel beats oneDNN's for the 2-in 1-out conv;
+# above, its im2col buffer (k*k*2 floats a position) costs page faults on a busy machine
+_NATIVE_CONV_POSITIONS = 1024
+
+
+@torch.jit.unused
+def _small_conv_eager(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)`` for the spatial gate; on CPU, small maps go to PyTorch's own convolution.
+
+    oneDNN, which ``F.conv2d`` picks on CPU, has a fixed cost of some 25 us a call, several times
+    the arithmetic of a 2-in 1-out k x k convolution on a 28x28 map; the native kernel
+    (im2col + gemm) has not. Same maths, differentiable.
+    """
+    assert isinstance(conv, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+    if (
+        x.device.type != "cpu"
+        or _tracing()
+        or type(x) is not torch.Tensor
+        or _get_current_dispatch_mode() is not None  # FLOP counters and the like know only aten.convolution
+        or x.dtype not in (torch.float32, torch.float64)
+        or x.shape[0] * _plane(x) > _NATIVE_CONV_POSITIONS
+        or type(conv) is not nn.Conv2d  # measured: the native 3-D kernel is slower than oneDNN's
+        or conv.padding_mode != "zeros"
+    ):
+        return conv(x)
+    return torch._C._nn.thnn_conv2d(
+        x, conv.weight, list(conv.kernel_size), conv.bias, list(conv.stride), list(conv.padding)
+    )
 
 
 def _channel_weighted_sum(t: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -239,9 +273,13 @@ def _channel_max_eager(x: torch.Tensor) -> torch.Tensor:
 def _spatial_max_eager(x: torch.Tensor) -> torch.Tensor:
     """``x.amax(dim=spatial dims)``, (N, C), by the same folding when maps are small."""
     size = _plane(x)
-    if _no_folding(x) or not _odd_small(size):
+    if _no_folding(x) or not _odd_small(size) or x.shape[0] * x.shape[1] < _SPATIAL_FOLD_ROWS:
         return x.amax(dim=_spatial_dims(x))
     return _fold_max(x.view(x.shape[0], x.shape[1], size), 2).amax(dim=2)
+
+
+# measured: below some 8k (sample, channel) rows the fold's extra launches cost more than they save
+_SPATIAL_FOLD_ROWS = 8192
 
 
 def _plane(x: torch.Tensor) -> int:

@@ -107,6 +107,7 @@ SHAPES = [
     pytest.param((2, 24, 17), 1, id="1d"),
     pytest.param((2, 16, 3, 5, 6), 3, id="3d"),
     pytest.param((2, 40, 7, 7), 2, id="2d-7x7"),
+    pytest.param((2, 16, 48, 48), 2, id="2d-large-map"),  # past _NATIVE_CONV_POSITIONS: oneDNN's conv
 ]
 
 
@@ -128,8 +129,10 @@ def test_default_cbam_matches_reference_in_eval_and_training(shape, dims):
     params = list(m.parameters())
     got = torch.autograd.grad(out, [xg, *params], g)
     want = torch.autograd.grad(ref, [xr, *params], g)
+    # a parameter's gradient sums over every position; float32 rounding grows with the map
+    rtol = 1e-5 if x[0, 0].numel() <= 1024 else 1e-4
     for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=rtol)
 
 
 def test_default_cbam_is_the_seed_module():
@@ -182,6 +185,7 @@ def test_blocked_passes_give_the_same_values_and_grads(shape, monkeypatch):
     want = torch.autograd.grad(ref, [xr, *m.parameters()], g)
     monkeypatch.setattr(modules, "_BLOCK_BYTES", 64)
     monkeypatch.setattr(modules, "_SCRATCH_BYTES", 64)
+    monkeypatch.setattr(modules, "_SPATIAL_FOLD_ROWS", 0)
     with torch.no_grad():
         torch.testing.assert_close(m(x), ref, atol=1e-6, rtol=1e-6)
     xg = x.clone().requires_grad_()
