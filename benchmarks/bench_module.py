@@ -110,11 +110,15 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
+        # a view, ``out=`` or in-place result shares an input's storage: nothing new was allocated
+        inputs = {
+            t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)
+        }
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 storage = t.untyped_storage()
                 key, size = storage.data_ptr(), storage.nbytes()
-                if size and key not in self._sizes:
+                if size and key not in self._sizes and key not in inputs:
                     self._sizes[key] = size
                     self.live += size
                     self.peak = max(self.peak, self.live)

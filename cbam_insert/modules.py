@@ -316,6 +316,33 @@ def _fold_max(x: torch.Tensor, dim: int) -> torch.Tensor:
 _BLOCK_BYTES = 1 << 21
 
 
+def _sample_step(x: torch.Tensor) -> int:
+    """Samples per block so that a block of ``x`` is about ``_BLOCK_BYTES``; all of them for a small
+    or non-contiguous ``x`` or off the CPU (on a GPU a block would be one more kernel launch)."""
+    n = x.shape[0]
+    sample = x[0].numel() * x.element_size() if n else 0
+    if n * sample <= 4 * _BLOCK_BYTES or not x.is_contiguous() or x.device.type != "cpu":
+        return max(1, n)
+    return max(1, _BLOCK_BYTES // sample)
+
+
+@torch.jit.unused
+def _mean_and_max_eager(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The spatial mean and max of each channel, (N, C) each, a block of samples at a time so that
+    the max reads the block from cache."""
+    n = x.shape[0]
+    step = _sample_step(x)
+    if step >= n:
+        return x.mean(dim=_spatial_dims(x)), _spatial_max_eager(x)
+    avg = x.new_empty(x.shape[:2])
+    mx = x.new_empty(x.shape[:2])
+    for i in range(0, n, step):
+        block = x[i : i + step]
+        torch.mean(block, dim=_spatial_dims(x), out=avg[i : i + step])
+        mx[i : i + step] = _spatial_max_eager(block)
+    return avg, mx
+
+
 @torch.jit.unused
 def _refine_and_pool_eager(x: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``F' = x * a`` (a new tensor) with its channel mean and max, each (N, 1, *spatial).
@@ -400,8 +427,7 @@ class _CBAMFunction(torch.autograd.Function):
         assert cg is not None and sg is not None
         n, c = x.shape[0], x.shape[1]
         sdims = _spatial_dims(x)
-        avg = x.mean(dim=sdims)
-        cmax = _spatial_max_eager(x)
+        avg, cmax = _mean_and_max_eager(x)
         avg_first = cg.pool_types[0] == "avg"
         pooled_c = torch.stack([avg, cmax] if avg_first else [cmax, avg], dim=0)
         with torch.enable_grad():
@@ -431,11 +457,19 @@ class _CBAMFunction(torch.autograd.Function):
         bshape = [n, c] + [1] * (x.dim() - 2)
         a_b = a.view(bshape)
         grad = grad.contiguous(memory_format=_memory_format(x))
+        # three passes over (grad, x), each a block of samples at a time so that the several
+        # reductions of a pass read the block from cache; one block when x is small or strided
+        step = _sample_step(x) if grad.is_contiguous() else n
+        blocks = [(i, min(n, i + step)) for i in range(0, n, step)]
+        buf = torch.empty_like(x[:step])
 
-        # dL/dMs = sum_c grad * F', and the grad * Ms part of dL/dMc = sum_p dL/dF' * F
-        buf = grad * x
-        grad_ms = _channel_weighted_sum(buf, a)
-        grad_a = _spatial_weighted_sum(buf, ms)
+        # pass 1: dL/dMs = sum_c grad * F', and the grad * Ms part of dL/dMc = sum_p dL/dF' * F
+        grad_ms = ms.new_empty(ms.shape)
+        grad_a = a.new_empty(a.shape)
+        for i, j in blocks:
+            gx = torch.mul(grad[i:j], x[i:j], out=buf[: j - i])
+            grad_ms[i:j] = _channel_weighted_sum(gx, a[i:j])
+            grad_a[i:j] = _spatial_weighted_sum(gx, ms[i:j])
         mkldnn = torch.backends.mkldnn.enabled
         torch.backends.mkldnn.enabled = False  # its backward of a 2-in 1-out conv is 2-5x slower here
         try:
@@ -449,27 +483,37 @@ class _CBAMFunction(torch.autograd.Function):
             g_mean, g_max = g_max, g_mean
         g_mean = g_mean / c
 
-        # the channel max: an indicator of F' == max, its gradient shared among ties
-        torch.mul(x, a_b, out=buf)
-        torch.eq(buf, smax, out=buf)
-        coef = g_max / buf.sum(dim=1, keepdim=True)
-        # the mean and max parts of dL/dMc; at a maximum F' = smax, so F = smax / Mc there
-        grad_a += _spatial_weighted_sum(x, g_mean)
-        at_max = _spatial_weighted_sum(buf, smax * coef)
-        grad_a += torch.where(a > 0, at_max / a, 0.0)
+        # pass 2: the channel max, an indicator of F' == max with its gradient shared among ties;
+        # the mean and max parts of dL/dMc (at a maximum F' = smax, so F = smax / Mc there)
+        coef = torch.empty_like(g_max)
+        for i, j in blocks:
+            hit = torch.eq(torch.mul(x[i:j], a_b[i:j], out=buf[: j - i]), smax[i:j], out=buf[: j - i])
+            coef[i:j] = g_max[i:j] / hit.sum(dim=1, keepdim=True)
+            grad_a[i:j] += _spatial_weighted_sum(x[i:j], g_mean[i:j])
+            at_max = _spatial_weighted_sum(hit, smax[i:j] * coef[i:j])
+            grad_a[i:j] += torch.where(a[i:j] > 0, at_max / a[i:j], 0.0)
         grads_c = torch.autograd.grad(gate_c, [pooled_c] + ctx.params_c, grad_a, retain_graph=True, allow_unused=True)
 
         grad_x = None
         if ctx.needs_input_grad[0]:
-            # dL/dF = Mc * (grad * Ms + dmean/C + indicator * coef) + davg/P + spatial-max part, in ``buf``
+            # pass 3: dL/dF = Mc * (grad * Ms + dmean/C + indicator * coef) + davg/P + spatial-max part;
+            # with one block the indicator is still in ``buf``, which becomes dL/dF
             g_avg, g_cmax = grads_c[0].unbind(0)
             if not avg_first:
                 g_avg, g_cmax = g_cmax, g_avg
-            grad_x = torch.addcmul(g_mean, buf, coef, out=buf)
-            grad_x.addcmul_(grad, ms)
-            grad_x.mul_(a_b)
-            grad_x.add_((g_avg / _plane(x)).view(bshape))
-            _add_max_grad(grad_x, x, cmax.view(bshape), g_cmax.view(bshape))
+            g_avg = (g_avg / _plane(x)).view(bshape)
+            g_cmax = g_cmax.view(bshape)
+            cmax_b = cmax.view(bshape)
+            grad_x = buf if len(blocks) == 1 else torch.empty_like(x)
+            for i, j in blocks:
+                out = grad_x[i:j]
+                if len(blocks) > 1:
+                    torch.eq(torch.mul(x[i:j], a_b[i:j], out=out), smax[i:j], out=out)
+                torch.addcmul(g_mean[i:j], out, coef[i:j], out=out)
+                out.addcmul_(grad[i:j], ms[i:j])
+                out.mul_(a_b[i:j])
+                out.add_(g_avg[i:j])
+                _add_max_grad(out, x[i:j], cmax_b[i:j], g_cmax[i:j])
 
         by_id = {id(p): g for p, g in zip(ctx.params_c, grads_c[1:])}
         by_id.update({id(p): g for p, g in zip(ctx.params_s, grads_s[1:])})
