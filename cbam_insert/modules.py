@@ -232,8 +232,10 @@ def _small_conv_eager(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
         or conv.padding_mode != "zeros"
     ):
         return conv(x)
+    # a 2-channel map made from a channels-last feature map is channels-last too; the native
+    # kernel wants NCHW, and the copy is two channels
     return torch._C._nn.thnn_conv2d(
-        x, conv.weight, list(conv.kernel_size), conv.bias, list(conv.stride), list(conv.padding)
+        x.contiguous(), conv.weight, list(conv.kernel_size), conv.bias, list(conv.stride), list(conv.padding)
     )
 
 
@@ -461,15 +463,15 @@ class _CBAMFunction(torch.autograd.Function):
         # reductions of a pass read the block from cache; one block when x is small or strided
         step = _sample_step(x) if grad.is_contiguous() else n
         blocks = [(i, min(n, i + step)) for i in range(0, n, step)]
-        buf = torch.empty_like(x[:step])
+        buf = torch.empty_like(x[:step]) if len(blocks) > 1 else torch.empty_like(x)
 
         # pass 1: dL/dMs = sum_c grad * F', and the grad * Ms part of dL/dMc = sum_p dL/dF' * F
-        grad_ms = ms.new_empty(ms.shape)
-        grad_a = a.new_empty(a.shape)
-        for i, j in blocks:
-            gx = torch.mul(grad[i:j], x[i:j], out=buf[: j - i])
-            grad_ms[i:j] = _channel_weighted_sum(gx, a[i:j])
-            grad_a[i:j] = _spatial_weighted_sum(gx, ms[i:j])
+        if len(blocks) == 1:
+            grad_ms, grad_a = _backward_pass1(grad, x, a, ms, buf)
+        else:
+            grad_ms, grad_a = ms.new_empty(ms.shape), a.new_empty(a.shape)
+            for i, j in blocks:
+                grad_ms[i:j], grad_a[i:j] = _backward_pass1(grad[i:j], x[i:j], a[i:j], ms[i:j], buf[: j - i])
         mkldnn = torch.backends.mkldnn.enabled
         torch.backends.mkldnn.enabled = False  # its backward of a 2-in 1-out conv is 2-5x slower here
         try:
@@ -483,41 +485,84 @@ class _CBAMFunction(torch.autograd.Function):
             g_mean, g_max = g_max, g_mean
         g_mean = g_mean / c
 
-        # pass 2: the channel max, an indicator of F' == max with its gradient shared among ties;
-        # the mean and max parts of dL/dMc (at a maximum F' = smax, so F = smax / Mc there)
-        coef = torch.empty_like(g_max)
-        for i, j in blocks:
-            hit = torch.eq(torch.mul(x[i:j], a_b[i:j], out=buf[: j - i]), smax[i:j], out=buf[: j - i])
-            coef[i:j] = g_max[i:j] / hit.sum(dim=1, keepdim=True)
-            grad_a[i:j] += _spatial_weighted_sum(x[i:j], g_mean[i:j])
-            at_max = _spatial_weighted_sum(hit, smax[i:j] * coef[i:j])
-            grad_a[i:j] += torch.where(a[i:j] > 0, at_max / a[i:j], 0.0)
+        # pass 2: the channel max's indicator and tie-shared gradient, the rest of dL/dMc
+        if len(blocks) == 1:
+            coef, grad_a2 = _backward_pass2(x, a, smax, g_mean, g_max, buf)
+            grad_a += grad_a2
+        else:
+            coef = torch.empty_like(g_max)
+            for i, j in blocks:
+                coef[i:j], grad_a2 = _backward_pass2(x[i:j], a[i:j], smax[i:j], g_mean[i:j], g_max[i:j], buf[: j - i])
+                grad_a[i:j] += grad_a2
         grads_c = torch.autograd.grad(gate_c, [pooled_c] + ctx.params_c, grad_a, retain_graph=True, allow_unused=True)
 
         grad_x = None
         if ctx.needs_input_grad[0]:
-            # pass 3: dL/dF = Mc * (grad * Ms + dmean/C + indicator * coef) + davg/P + spatial-max part;
-            # with one block the indicator is still in ``buf``, which becomes dL/dF
             g_avg, g_cmax = grads_c[0].unbind(0)
             if not avg_first:
                 g_avg, g_cmax = g_cmax, g_avg
             g_avg = (g_avg / _plane(x)).view(bshape)
             g_cmax = g_cmax.view(bshape)
             cmax_b = cmax.view(bshape)
-            grad_x = buf if len(blocks) == 1 else torch.empty_like(x)
-            for i, j in blocks:
-                out = grad_x[i:j]
-                if len(blocks) > 1:
-                    torch.eq(torch.mul(x[i:j], a_b[i:j], out=out), smax[i:j], out=out)
-                torch.addcmul(g_mean[i:j], out, coef[i:j], out=out)
-                out.addcmul_(grad[i:j], ms[i:j])
-                out.mul_(a_b[i:j])
-                out.add_(g_avg[i:j])
-                _add_max_grad(out, x[i:j], cmax_b[i:j], g_cmax[i:j])
+            if len(blocks) == 1:  # the indicator is still in ``buf``, which becomes dL/dF
+                grad_x = _backward_pass3(buf, False, grad, x, a_b, ms, smax, g_mean, coef, g_avg, cmax_b, g_cmax)
+            else:
+                grad_x = torch.empty_like(x)
+                for i, j in blocks:
+                    args = (grad, x, a_b, ms, smax, g_mean, coef, g_avg, cmax_b, g_cmax)
+                    _backward_pass3(grad_x[i:j], True, *(t[i:j] for t in args))
 
         by_id = {id(p): g for p, g in zip(ctx.params_c, grads_c[1:])}
         by_id.update({id(p): g for p, g in zip(ctx.params_s, grads_s[1:])})
         return (grad_x, None) + tuple(by_id.get(i) for i in ctx.param_ids)
+
+
+def _backward_pass1(
+    grad: torch.Tensor, x: torch.Tensor, a: torch.Tensor, ms: torch.Tensor, buf: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sum_c grad * F', sum_p grad * Ms * F)``: the spatial gate's gradient and the first part of
+    the channel gate's, for a block of samples (``buf`` is scratch of the block's size)."""
+    gx = torch.mul(grad, x, out=buf)
+    return _channel_weighted_sum(gx, a), _spatial_weighted_sum(gx, ms)
+
+
+def _backward_pass2(
+    x: torch.Tensor, a: torch.Tensor, smax: torch.Tensor, g_mean: torch.Tensor, g_max: torch.Tensor, buf: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The channel max's gradient per position, shared among tied channels (``coef``), and the mean
+    and max parts of the channel gate's gradient. Leaves the indicator ``F' == max`` in ``buf``;
+    at a maximum F' = smax, so F = smax / Mc there."""
+    n, c = x.shape[0], x.shape[1]
+    hit = torch.eq(torch.mul(x, a.view([n, c] + [1] * (x.dim() - 2)), out=buf), smax, out=buf)
+    coef = g_max / hit.sum(dim=1, keepdim=True)
+    at_max = _spatial_weighted_sum(hit, smax * coef)
+    return coef, _spatial_weighted_sum(x, g_mean) + torch.where(a > 0, at_max / a, 0.0)
+
+
+def _backward_pass3(
+    out: torch.Tensor,
+    recompute: bool,
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    a_b: torch.Tensor,
+    ms: torch.Tensor,
+    smax: torch.Tensor,
+    g_mean: torch.Tensor,
+    coef: torch.Tensor,
+    g_avg: torch.Tensor,
+    cmax_b: torch.Tensor,
+    g_cmax: torch.Tensor,
+) -> torch.Tensor:
+    """dL/dF = Mc * (grad * Ms + dmean/C + indicator * coef) + davg/P + the spatial max's part,
+    written into ``out``, which holds the indicator already unless ``recompute``."""
+    if recompute:
+        torch.eq(torch.mul(x, a_b, out=out), smax, out=out)
+    torch.addcmul(g_mean, out, coef, out=out)
+    out.addcmul_(grad, ms)
+    out.mul_(a_b)
+    out.add_(g_avg)
+    _add_max_grad(out, x, cmax_b, g_cmax)
+    return out
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
