@@ -5,7 +5,7 @@ Run from the repository root::
     python benchmarks/bench_module.py            # full run, the shapes of issue 3
     python benchmarks/bench_module.py --quick    # a few seconds: tiny shapes, 2 repetitions
 
-What is measured, per shape (N, C, H, W), on the CPU:
+What is measured, per shape (N, C, H, W), on the CPU (or ``--device cuda``, ``--dtype bfloat16``):
 
 * ``fwd``: one inference forward (``eval()``, ``torch.no_grad()``).
 * ``fwd+bwd``: one training step of the module alone (``train()``, the input requires grad,
@@ -21,7 +21,8 @@ Times are medians over interleaved repetitions (every implementation runs once p
 an order shuffled each round, so drifting machine load and the allocator state one leaves
 behind hit all of them alike). With one intra-op thread (the default)
 the clock is the benchmark thread's CPU time, which other processes on a shared machine do not
-inflate; with more threads it is wall time. Ratios are to the seed.
+inflate; with more threads it is wall time; on a GPU it is wall time with the device synchronised
+before and after each call. Ratios are to the seed.
 
 The seed's formulation is written here from DESIGN.md section 1: AdaptiveAvgPool2d and
 AdaptiveMaxPool2d, two bias-free 1x1 convolutions applied to each descriptor separately,
@@ -52,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cbam_insert import CBAM
 
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FULL_SHAPES = [(8, 256, 56, 56), (8, 512, 28, 28), (8, 2048, 7, 7), (1, 256, 56, 56)]
 QUICK_SHAPES = [(2, 64, 14, 14), (2, 128, 7, 7)]
 
@@ -160,6 +162,18 @@ def forward_fn(module: nn.Module, x: torch.Tensor) -> Callable[[], None]:
     return run
 
 
+def synced(fn: Callable[[], None], device: torch.device) -> Callable[[], None]:
+    """``fn`` followed by a device synchronisation, so that a wall clock sees the GPU's work."""
+    if device.type != "cuda":
+        return fn
+
+    def run() -> None:
+        fn()
+        torch.cuda.synchronize(device)
+
+    return run
+
+
 def train_fn(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> Callable[[], None]:
     xg = x.detach().requires_grad_()
 
@@ -188,8 +202,14 @@ def interleaved_medians(fns: dict[str, Callable[[], None]], reps: int, clock: Ca
 
 
 def bench_shape(
-    shape: tuple[int, int, int, int], reps: int, clock: Callable[[], float], use_timm: bool
+    shape: tuple[int, int, int, int],
+    reps: int,
+    clock: Callable[[], float],
+    use_timm: bool,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
 ) -> dict[str, dict[str, float]]:
+    device = torch.device(device)
     torch.manual_seed(0)
     channels = shape[1]
     ours = CBAM(channels)
@@ -197,19 +217,24 @@ def bench_shape(
     timm = timm_cbam(channels) if use_timm else None
     if timm is not None:
         impls["timm"] = timm
-    x = torch.randn(shape)
-    grad = torch.randn(shape)
+    for m in impls.values():
+        m.to(device=device, dtype=dtype)
+    x = torch.randn(shape, device=device, dtype=dtype)
+    grad = torch.randn(shape, device=device, dtype=dtype)
     with torch.no_grad():
-        diff = (impls["seed"].eval()(x) - ours.eval()(x)).abs().max().item()
-    if diff > 1e-5:
+        want = impls["seed"].eval()(x).float()
+        diff = (want - ours.eval()(x).float()).abs().max().item()
+    # float32: the same maths to rounding; 16-bit types round each intermediate to 8 or 11 bits
+    tolerance = 1e-5 if dtype in (torch.float32, torch.float64) else 0.05 * max(1.0, want.abs().max().item())
+    if diff > tolerance:
         raise RuntimeError(f"cbam_insert and the seed disagree on {shape}: max |diff| = {diff:g}")
 
     for m in impls.values():
         m.eval()
-    fwd = interleaved_medians({k: forward_fn(m, x) for k, m in impls.items()}, reps, clock)
+    fwd = interleaved_medians({k: synced(forward_fn(m, x), device) for k, m in impls.items()}, reps, clock)
     for m in impls.values():
         m.train()
-    fb = interleaved_medians({k: train_fn(m, x, grad) for k, m in impls.items()}, reps, clock)
+    fb = interleaved_medians({k: synced(train_fn(m, x, grad), device) for k, m in impls.items()}, reps, clock)
     result: dict[str, dict[str, float]] = {}
     for name, m in impls.items():
         peak, saved = training_memory(m, x, grad)
@@ -257,18 +282,35 @@ def main(argv: list[str] | None = None) -> dict[tuple[int, ...], dict[str, dict[
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
     parser.add_argument("--no-timm", action="store_true", help="leave timm's CbamModule out even when it is installed")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="parameter and input dtype")
     args = parser.parse_args(argv)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device: not a device: {args.device!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device: cpu or cuda, got {args.device!r}")
 
     torch.set_num_threads(args.threads)
     shapes = args.shape or (QUICK_SHAPES if args.quick else FULL_SHAPES)
     reps = args.reps or (2 if args.quick else 25)
-    clock = time.thread_time if args.threads == 1 else time.perf_counter
-    clock_name = "CPU time of the benchmark thread" if args.threads == 1 else "wall time"
+    cpu_clock = device.type == "cpu" and args.threads == 1
+    clock = time.thread_time if cpu_clock else time.perf_counter
+    clock_name = "CPU time of the benchmark thread" if cpu_clock else "wall time"
     timm_note = "" if args.no_timm or timm_cbam(8) is not None else " (timm not installed)"
-    print(f"torch {torch.__version__}, {args.threads} thread(s), {clock_name}, median of {reps}{timm_note}")
+    where = device.type if device.type == "cpu" else f"{device} ({torch.cuda.get_device_name(device)})"
+    print(
+        f"torch {torch.__version__}, {where}, {args.dtype}, {args.threads} thread(s), {clock_name}, "
+        f"median of {reps}{timm_note}"
+    )
     results = {}
     for shape in shapes:
-        results[shape] = bench_shape(shape, reps, clock, use_timm=not args.no_timm)
+        results[shape] = bench_shape(
+            shape, reps, clock, use_timm=not args.no_timm, device=device, dtype=DTYPES[args.dtype]
+        )
     print(render(results, args.markdown))
     return results
 

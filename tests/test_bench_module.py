@@ -37,3 +37,31 @@ def test_seed_formulation_matches_the_module():
     m = CBAM(48)
     x = torch.randn(2, 48, 9, 9)
     torch.testing.assert_close(bench.seed_from(m)(x), m(x), atol=1e-6, rtol=1e-6)
+
+
+def test_bfloat16_run_and_bad_device():
+    bench = _load()
+    results = bench.main(["--quick", "--reps", "1", "--shape", "2,32,8,8", "--dtype", "bfloat16", "--no-timm"])
+    assert all(r["fwd"] > 0 and r["fb"] > 0 for r in results[(2, 32, 8, 8)].values())
+    import pytest
+
+    with pytest.raises(SystemExit) as err:
+        bench.main(["--quick", "--device", "nope"])
+    assert err.value.code == 2
+
+
+def test_peak_memory_counts_new_storages_only():
+    """Views, ``out=`` and in-place results of existing tensors are not new memory; a new tensor is."""
+    bench = _load()
+    import torch
+
+    x = torch.randn(64, 64)
+    buf = torch.empty(64, 64)
+    with bench.LiveBytes() as live:
+        x[:32].t()
+        torch.mul(x, 2, out=buf)
+        buf.add_(1)
+    assert live.peak == 0
+    with bench.LiveBytes() as live:
+        y = x * 2
+    assert live.peak == y.untyped_storage().nbytes() == 64 * 64 * 4
