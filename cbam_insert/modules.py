@@ -137,6 +137,10 @@ class ChannelAttention(nn.Module):
 
     def head(self, pooled: torch.Tensor) -> torch.Tensor:
         """Pre-sigmoid channel scores (N, C) from the stacked descriptors: one MLP call for all."""
+        if torch.jit.is_scripting():
+            return self.fc2(F.relu(self.fc1(pooled))).sum(dim=0)
+        if _native_ok(pooled, pooled.shape[0] * pooled.shape[1], 4):
+            return _mlp_native(self.fc1, self.fc2, pooled)
         return self.fc2(F.relu(self.fc1(pooled))).sum(dim=0)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -222,14 +226,9 @@ def _small_conv_eager(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """
     assert isinstance(conv, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
     if (
-        x.device.type != "cpu"
-        or _tracing()
-        or type(x) is not torch.Tensor
-        or _get_current_dispatch_mode() is not None  # FLOP counters and the like know only aten.convolution
-        or x.dtype not in (torch.float32, torch.float64)
-        or x.shape[0] * _plane(x) > _NATIVE_CONV_POSITIONS
-        or type(conv) is not nn.Conv2d  # measured: the native 3-D kernel is slower than oneDNN's
+        type(conv) is not nn.Conv2d  # measured: the native 3-D kernel is slower than oneDNN's
         or conv.padding_mode != "zeros"
+        or not _native_ok(x, x.shape[0] * _plane(x), _NATIVE_CONV_POSITIONS, with_grad=True)
     ):
         return conv(x)
     # a 2-channel map made from a channels-last feature map is channels-last too; the native
@@ -237,6 +236,38 @@ def _small_conv_eager(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch._C._nn.thnn_conv2d(
         x.contiguous(), conv.weight, list(conv.kernel_size), conv.bias, list(conv.stride), list(conv.padding)
     )
+
+
+@torch.jit.unused
+def _native_ok(x: torch.Tensor, count: int, limit: int, with_grad: bool = False) -> bool:
+    """Whether to call one of PyTorch's native CPU kernels directly: eager mode, CPU, float32/64,
+    ``count <= limit``, no autograd unless ``with_grad``, and no dispatch mode watching (FLOP
+    counters and the like know ``aten.convolution`` and ``aten.mm``, not the native kernels)."""
+    return (
+        count <= limit
+        and x.device.type == "cpu"
+        and (with_grad or not torch.is_grad_enabled())
+        and type(x) is torch.Tensor
+        and x.dtype in (torch.float32, torch.float64)
+        and not _tracing()
+        and _get_current_dispatch_mode() is None
+    )
+
+
+@torch.jit.unused
+def _mlp_native(fc1: nn.Linear, fc2: nn.Linear, pooled: torch.Tensor) -> torch.Tensor:
+    """``sum_p fc2(relu(fc1(pooled[p])))`` for a few descriptors, each layer as a 1x1 convolution on
+    PyTorch's native kernel: one matrix-vector product per descriptor, spread over the intra-op
+    threads (a matrix product with 2 rows runs on one). The same products and sums as ``F.linear``."""
+    p, n, c = pooled.shape
+    hidden = fc1.weight.shape[0]
+    h = torch._C._nn.thnn_conv2d(
+        pooled.reshape(p * n, c, 1, 1), fc1.weight.view(hidden, c, 1, 1), [1, 1], fc1.bias, [1, 1], [0, 0]
+    )
+    out = torch._C._nn.thnn_conv2d(
+        torch.relu_(h), fc2.weight.view(c, hidden, 1, 1), [1, 1], fc2.bias, [1, 1], [0, 0]
+    )
+    return out.view(p, n, c).sum(dim=0)
 
 
 def _channel_weighted_sum(t: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
