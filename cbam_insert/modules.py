@@ -463,21 +463,36 @@ class _CBAMFunction(torch.autograd.Function):
         avg, cmax = _mean_and_max_eager(x)
         avg_first = cg.pool_types[0] == "avg"
         pooled_c = torch.stack([avg, cmax] if avg_first else [cmax, avg], dim=0)
-        with torch.enable_grad():
-            pooled_c.requires_grad_()
-            gate_c = torch.sigmoid(cg.head(pooled_c))
+        # the small parts: by hand for the seed's layers, else on a little autograd graph
+        manual = _manual_small_parts(cg, sg)
+        if manual:
+            hidden = F.relu(F.linear(pooled_c, cg.fc1.weight, cg.fc1.bias))
+            gate_c = torch.sigmoid(F.linear(hidden, cg.fc2.weight, cg.fc2.bias).sum(dim=0))
+        else:
+            with torch.enable_grad():
+                pooled_c.requires_grad_()
+                gate_c = torch.sigmoid(cg.head(pooled_c))
         a = gate_c.detach()
         refined, mean, smax = _refine_and_pool_eager(x, a.view([n, c] + [1] * len(sdims)))
         pooled_s = sg.stack(mean, smax)
-        with torch.enable_grad():
-            pooled_s.requires_grad_()
+        if manual:
             gate_s = torch.sigmoid(sg.head(pooled_s))
+        else:
+            with torch.enable_grad():
+                pooled_s.requires_grad_()
+                gate_s = torch.sigmoid(sg.head(pooled_s))
         ms = gate_s.detach()
         out = refined.mul_(ms)
         ctx.save_for_backward(x, a, ms, smax, cmax)
-        ctx.small = (pooled_c, gate_c, pooled_s, gate_s, avg_first, sg.max_first)
-        ctx.params_c = [p for p in cg.parameters() if p.requires_grad]
-        ctx.params_s = [p for p in sg.parameters() if p.requires_grad]
+        ctx.small = (pooled_c, hidden if manual else gate_c, pooled_s, gate_s, avg_first, sg.max_first)
+        # the tensors the layers hold now (torch.func.functional_call swaps them only for the call)
+        ctx.manual = sg.conv if manual else None
+        if manual:
+            ctx.params_c = [cg.fc1.weight, cg.fc1.bias, cg.fc2.weight, cg.fc2.bias]
+            ctx.params_s = [sg.conv.weight, sg.conv.bias]
+        else:
+            ctx.params_c = [p for p in cg.parameters() if p.requires_grad]
+            ctx.params_s = [p for p in sg.parameters() if p.requires_grad]
         ctx.param_ids = [id(p) for p in params]
         return out
 
@@ -506,9 +521,12 @@ class _CBAMFunction(torch.autograd.Function):
         mkldnn = torch.backends.mkldnn.enabled
         torch.backends.mkldnn.enabled = False  # its backward of a 2-in 1-out conv is 2-5x slower here
         try:
-            grads_s = torch.autograd.grad(
-                gate_s, [pooled_s] + ctx.params_s, grad_ms, retain_graph=True, allow_unused=True
-            )
+            if ctx.manual is not None:
+                grads_s = _spatial_conv_backward(ctx.manual, ctx.params_s, pooled_s, ms, grad_ms)
+            else:
+                grads_s = torch.autograd.grad(
+                    gate_s, [pooled_s] + ctx.params_s, grad_ms, retain_graph=True, allow_unused=True
+                )
         finally:
             torch.backends.mkldnn.enabled = mkldnn
         g_mean, g_max = grads_s[0].unsqueeze(2).unbind(1)
@@ -525,7 +543,12 @@ class _CBAMFunction(torch.autograd.Function):
             for i, j in blocks:
                 coef[i:j], grad_a2 = _backward_pass2(x[i:j], a[i:j], smax[i:j], g_mean[i:j], g_max[i:j], buf[: j - i])
                 grad_a[i:j] += grad_a2
-        grads_c = torch.autograd.grad(gate_c, [pooled_c] + ctx.params_c, grad_a, retain_graph=True, allow_unused=True)
+        if ctx.manual is not None:
+            grads_c = _channel_mlp_backward(ctx.params_c, pooled_c, gate_c, a, grad_a)
+        else:
+            grads_c = torch.autograd.grad(
+                gate_c, [pooled_c] + ctx.params_c, grad_a, retain_graph=True, allow_unused=True
+            )
 
         grad_x = None
         if ctx.needs_input_grad[0]:
@@ -543,9 +566,75 @@ class _CBAMFunction(torch.autograd.Function):
                     args = (grad, x, a_b, ms, smax, g_mean, coef, g_avg, cmax_b, g_cmax)
                     _backward_pass3(grad_x[i:j], True, *(t[i:j] for t in args))
 
-        by_id = {id(p): g for p, g in zip(ctx.params_c, grads_c[1:])}
-        by_id.update({id(p): g for p, g in zip(ctx.params_s, grads_s[1:])})
+        by_id = {id(p): g for p, g in zip(ctx.params_c, grads_c[1:]) if p is not None and p.requires_grad}
+        by_id.update({id(p): g for p, g in zip(ctx.params_s, grads_s[1:]) if p is not None and p.requires_grad})
         return (grad_x, None) + tuple(by_id.get(i) for i in ctx.param_ids)
+
+
+def _manual_small_parts(cg: nn.Module, sg: nn.Module) -> bool:
+    """Whether the training function may run the channel MLP and the spatial conv by hand: the
+    seed's layers (two ``nn.Linear``, a zero-padded conv, no norm) with no hooks on them."""
+    assert isinstance(cg, ChannelAttention) and isinstance(sg, SpatialAttention)
+    layers = (cg.fc1, cg.fc2, sg.conv)
+    return (
+        type(cg.fc1) is nn.Linear
+        and type(cg.fc2) is nn.Linear
+        and type(sg.conv) in _CONVS.values()
+        and sg.norm is None
+        and sg.conv.padding_mode == "zeros"
+        and not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks for m in layers)
+    )
+
+
+def _channel_mlp_backward(
+    params: list[torch.Tensor | None],
+    pooled: torch.Tensor,
+    hidden: torch.Tensor,
+    gate: torch.Tensor,
+    grad_gate: torch.Tensor,
+) -> tuple[torch.Tensor | None, ...]:
+    """Gradients of ``gate = sigmoid(sum_p fc2(relu(fc1(pooled[p]))))``, ``params`` being fc1's and
+    fc2's (weight, bias): for the stacked descriptors (P, N, C) and for each parameter (None for a
+    missing bias)."""
+    w1, b1, w2, b2 = params
+    assert w1 is not None and w2 is not None
+    dz = grad_gate * gate * (1 - gate)  # (N, C), the same for every descriptor's fc2 output
+    d_hidden = torch.matmul(dz, w2).unsqueeze(0) * (hidden > 0)  # (P, N, hidden)
+    flat = d_hidden.reshape(-1, d_hidden.shape[-1])
+    g_w1 = flat.t().mm(pooled.reshape(-1, pooled.shape[-1]))
+    g_b1 = flat.sum(dim=0) if b1 is not None else None
+    g_w2 = dz.t().mm(hidden.sum(dim=0))
+    g_b2 = dz.sum(dim=0) * pooled.shape[0] if b2 is not None else None
+    return torch.matmul(d_hidden, w1), g_w1, g_b1, g_w2, g_b2
+
+
+def _spatial_conv_backward(
+    conv: nn.Module,
+    params: list[torch.Tensor | None],
+    pooled: torch.Tensor,
+    gate: torch.Tensor,
+    grad_gate: torch.Tensor,
+) -> tuple[torch.Tensor | None, ...]:
+    """Gradients of ``gate = sigmoid(conv(pooled))`` for the pooled map and the conv's (weight,
+    bias) ``params``, by ATen's convolution backward (what autograd would call)."""
+    assert isinstance(conv, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+    dz = grad_gate * gate * (1 - gate)
+    weight, bias = params
+    assert weight is not None
+    dims = weight.dim() - 2
+    return torch.ops.aten.convolution_backward(
+        dz,
+        pooled,
+        weight,
+        [weight.shape[0]] if bias is not None else None,
+        list(conv.stride),
+        list(conv.padding),
+        list(conv.dilation),
+        False,
+        [0] * dims,
+        conv.groups,
+        [True, weight.requires_grad, bias is not None and bias.requires_grad],
+    )
 
 
 def _backward_pass1(

@@ -207,6 +207,8 @@ def test_blocked_passes_give_the_same_values_and_grads(shape, monkeypatch):
     [
         pytest.param({}, (2, 6, 4, 5), id="default"),
         pytest.param({"variant": "official"}, (3, 6, 4, 5), id="official"),
+        # biases without the norm: the training function's hand-written small-part gradients
+        pytest.param({"mlp_bias": True, "pool_types": ("max", "avg")}, (2, 6, 4, 5), id="mlp-bias-max-first"),
         pytest.param({"dims": 1}, (2, 5, 7), id="1d"),
         pytest.param({"dims": 3, "kernel_size": 3}, (2, 4, 2, 3, 3), id="3d"),
         pytest.param({"pool_types": ("lp", "lse"), "order": "spatial_first"}, (2, 6, 4, 4), id="lp-lse-spatial-first"),
@@ -215,6 +217,9 @@ def test_blocked_passes_give_the_same_values_and_grads(shape, monkeypatch):
 )
 def test_gradcheck_float64_input_and_parameters(kwargs, shape):
     m = randomize(CBAM(shape[1], reduction=2, **kwargs)).double()
+    if kwargs.get("mlp_bias"):  # the conv's bias too (no constructor switch for it)
+        conv = m.spatial_gate.conv
+        conv.bias = torch.nn.Parameter(torch.randn(1, dtype=torch.float64))
     if m.gamma is not None:
         with torch.no_grad():
             m.gamma.fill_(0.7)
@@ -579,3 +584,22 @@ def test_empty_batch_passes_through(spatial):
     out.sum().backward()
     with torch.no_grad():
         assert cbam.eval()(x).shape == x.shape
+
+
+def test_training_with_frozen_layers_and_hooks_matches_reference():
+    """The training function's hand-written small-part gradients skip frozen parameters; a hook
+    on one of the small layers makes it use autograd instead, and the hook runs."""
+    m = randomize(CBAM(24))
+    m.spatial_gate.conv.weight.requires_grad_(False)
+    x = torch.randn(2, 24, 6, 6)
+    xg, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out, ref = m(xg), ref_cbam(m, xr)
+    g = torch.randn_like(out)
+    trainable = [p for p in m.parameters() if p.requires_grad]
+    for a, b in zip(torch.autograd.grad(out, [xg, *trainable], g), torch.autograd.grad(ref, [xr, *trainable], g)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    calls = []
+    m.channel_gate.fc1.register_forward_hook(lambda *args: calls.append(1))
+    out = m(x.clone().requires_grad_())
+    assert calls and out.requires_grad
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
