@@ -137,10 +137,9 @@ class ChannelAttention(nn.Module):
 
     def head(self, pooled: torch.Tensor) -> torch.Tensor:
         """Pre-sigmoid channel scores (N, C) from the stacked descriptors: one MLP call for all."""
-        if torch.jit.is_scripting():
-            return self.fc2(F.relu(self.fc1(pooled))).sum(dim=0)
-        if _native_ok(pooled, pooled.shape[0] * pooled.shape[1], 4):
-            return _mlp_native(self.fc1, self.fc2, pooled)
+        if not torch.jit.is_scripting():  # noqa: SIM102  (TorchScript drops only this exact test)
+            if _native_ok(pooled, pooled.shape[0] * pooled.shape[1], 4):
+                return _mlp_native(self.fc1, self.fc2, pooled)
         return self.fc2(F.relu(self.fc1(pooled))).sum(dim=0)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -385,14 +384,9 @@ def _refine_and_pool_eager(x: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tens
     ``refined.mean(1)`` and ``refined.amax(1)``.
     """
     n = x.shape[0]
-    step = (
-        n
-        if x.numel() * x.element_size() <= 4 * _BLOCK_BYTES
-        else max(1, _BLOCK_BYTES // (x[0].numel() * x.element_size()))
-    )
+    step = _sample_step(x)  # all of them off the CPU or for a strided x
     needs_graph = torch.is_grad_enabled() and (x.requires_grad or a.requires_grad)
-    # CPU caches only: on a GPU the blocks would be one sample per kernel launch
-    if step >= n or needs_graph or _tracing() or not x.is_contiguous() or x.device.type != "cpu":
+    if step >= n or needs_graph or _tracing():
         refined = x * a
         return refined, refined.mean(dim=1, keepdim=True), _channel_max_eager(refined)
     refined = torch.empty_like(x)
