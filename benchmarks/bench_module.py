@@ -291,6 +291,8 @@ def main(argv: list[str] | None = None) -> dict[tuple[int, ...], dict[str, dict[
         parser.error(f"--device: not a device: {args.device!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        parser.error(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     if device.type not in ("cpu", "cuda"):
         parser.error(f"--device: cpu or cuda, got {args.device!r}")
 
