@@ -39,7 +39,7 @@ from .trace import TraceResult, infer_example_inputs, trace_units
 __all__ = ["CBAM_OPTIONS", "PatchReport", "apply_recipe", "describe_inputs", "find_sites", "insert_cbam", "make_inputs"]
 
 CBAM_OPTIONS = tuple(
-    p for p in inspect.signature(CBAM.__init__).parameters if p not in ("self", "channels", "dims")
+    p for p in inspect.signature(CBAM.__init__).parameters if p not in ("self", "channels", "dims", "reuse_input")
 )
 RECIPE_FORMAT = "cbam-insert/recipe"
 
@@ -179,6 +179,7 @@ def insert_cbam(
     inplace: bool = False,
     allow_repatch: bool = False,
     seed: int | None = None,
+    reuse_inputs: bool = True,
     **cbam_options: Any,
 ) -> nn.Module:
     """Return ``model`` with a CBAM module spliced in at every selected site.
@@ -189,11 +190,18 @@ def insert_cbam(
     ``inplace=True``; then untraceable models have their traceable submodules replaced in
     place, and a fully traced model's modules are shared with the result.
 
+    ``reuse_inputs`` (default on): a CBAM whose input tensor is made fresh by the op before it
+    and read by nothing else gets ``reuse_input=True``; in inference it then writes its output
+    into that tensor, as ``nn.ReLU(inplace=True)`` does, instead of allocating a new one. A
+    forward hook registered later on that op's module sees the tensor after CBAM has scaled it.
+
     The result carries ``cbam_report`` (a ``PatchReport``) and ``cbam_recipe`` (a dict that
     ``apply_recipe`` replays on a fresh copy of the architecture). Raises ``CBAMInsertError``
     for anything the caller can fix.
     """
     _check_after(after)
+    if not isinstance(reuse_inputs, bool):
+        raise CBAMInsertError(f"reuse_inputs must be True or False, got {reuse_inputs!r}")
     unknown = sorted(set(cbam_options) - set(CBAM_OPTIONS))
     if unknown:
         raise CBAMInsertError(f"unknown CBAM option(s) {', '.join(unknown)}; valid: {', '.join(CBAM_OPTIONS)}")
@@ -224,7 +232,7 @@ def insert_cbam(
             cbam = CBAM(site.channels, dims=len(site.shape) - 2, **cbam_options)
             return cbam.to(dtype=getattr(torch, site.dtype) if site.dtype else None)
 
-        result, modules = _splice_all(work, traced, sites, make)
+        result, modules = _splice_all(work, traced, sites, make, reuse_inputs)
     actual = iter(modules)  # the names splicing gave, in site order (``_2`` after a repatch)
     sites = [replace(s, module_name=next(actual)) if s.used else s for s in sites]
     report = PatchReport(after, sites, modules, [u.path or "<model>" for u in traced.units], traced.skipped)
@@ -235,6 +243,7 @@ def insert_cbam(
         "cbam": dict(cbam_options),
         "allow_repatch": allow_repatch,
         "seed": seed,
+        "reuse_inputs": reuse_inputs,
         "example_inputs": describe_inputs(inputs),
         "modules": report.modules,
     }  # fmt: skip
@@ -262,13 +271,15 @@ def _allow(site: Site) -> Site:
     return site
 
 
-def _splice_all(work: nn.Module, traced: TraceResult, sites: list[Site], make: Any) -> tuple[nn.Module, list[str]]:
+def _splice_all(
+    work: nn.Module, traced: TraceResult, sites: list[Site], make: Any, reuse_inputs: bool
+) -> tuple[nn.Module, list[str]]:
     result = work
     names: list[str] = []
     for unit in traced.units:
         if not any(s.used and s.unit == unit.path for s in sites):
             continue
-        new, added = splice_unit(unit, sites, make)
+        new, added = splice_unit(unit, sites, make, reuse_inputs)
         names.extend(added)
         if unit.path == "":
             result = new
@@ -356,6 +367,7 @@ def apply_recipe(model: nn.Module, recipe: dict[str, Any], inplace: bool = False
             inplace=inplace or i > 0,
             allow_repatch=step.get("allow_repatch", False),
             seed=step.get("seed"),
+            reuse_inputs=step.get("reuse_inputs", True),
             **step.get("cbam", {}),
         )
         got = out.cbam_report.modules

@@ -161,6 +161,11 @@ def main_command(
     repatch: Annotated[bool, typer.Option(
         "--repatch", help="Add another CBAM where the model already has one (otherwise those sites are skipped).",
     )] = False,
+    reuse_input: Annotated[bool, typer.Option(
+        "--reuse-input/--no-reuse-input",
+        help="In inference, CBAM writes into its input where nothing else reads that tensor (one allocation "
+        "less per site, like ReLU(inplace=True)).",
+    )] = True,
     reduction: Annotated[int | None, typer.Option(
         "--reduction", metavar="R", show_default=False,
         help="Channel MLP reduction, hidden width max(1, C // R) [default: 16]: --reduction 8.",
@@ -277,7 +282,7 @@ def main_command(
     try:
         _run(
             source=source, after=after, include=include, exclude=exclude, stages=stages, every=every,
-            max_sites=max_sites, min_channels=min_channels, repatch=repatch,
+            max_sites=max_sites, min_channels=min_channels, repatch=repatch, reuse_input=reuse_input,
             cbam=_cbam_options(
                 reduction=reduction, hidden=hidden, kernel_size=kernel_size,
                 pool_types=[p.strip() for p in pool_types.split(",") if p.strip()] if pool_types is not None else None,
@@ -320,6 +325,7 @@ def _run(
     max_sites: int | None,
     min_channels: int,
     repatch: bool,
+    reuse_input: bool,
     cbam: dict[str, Any],
     seed: int | None,
     arch: str | None,
@@ -386,7 +392,8 @@ def _run(
         with step("tracing and inserting CBAM"):
             try:
                 patched = insert_cbam(
-                    model, after=after, example_inputs=inputs, allow_repatch=repatch, seed=seed, **selection, **cbam
+                    model, after=after, example_inputs=inputs, allow_repatch=repatch, seed=seed,
+                    reuse_inputs=reuse_input, **selection, **cbam
                 )
                 report = patched.cbam_report
             except CBAMInsertError as exc:

@@ -376,8 +376,11 @@ def _mean_and_max_eager(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.jit.unused
-def _refine_and_pool_eager(x: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``F' = x * a`` (a new tensor) with its channel mean and max, each (N, 1, *spatial).
+def _refine_and_pool_eager(
+    x: torch.Tensor, a: torch.Tensor, reuse: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``F' = x * a`` (a new tensor, or ``x`` itself scaled in place when ``reuse``) with its
+    channel mean and max, each (N, 1, *spatial).
 
     Without autograd, F' is written and reduced a block of samples at a time, so the two
     reductions read it from cache rather than from memory; the values are those of
@@ -387,9 +390,9 @@ def _refine_and_pool_eager(x: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tens
     step = _sample_step(x)  # all of them off the CPU or for a strided x
     needs_graph = torch.is_grad_enabled() and (x.requires_grad or a.requires_grad)
     if step >= n or needs_graph or _tracing():
-        refined = x * a
+        refined = x.mul_(a) if reuse and not needs_graph else x * a
         return refined, refined.mean(dim=1, keepdim=True), _channel_max_eager(refined)
-    refined = torch.empty_like(x)
+    refined = x if reuse else torch.empty_like(x)
     pooled_shape = [n, 1] + list(x.shape[2:])
     mean = x.new_empty(pooled_shape)
     smax = x.new_empty(pooled_shape)
@@ -707,6 +710,13 @@ class CBAM(nn.Module):
       ``spatial_norm`` override the variant's choice.
     * ``dims``: 1, 2 or 3 for (N,C,L), (N,C,H,W), (N,C,T,H,W) feature maps.
     * ``init``: ``"default"`` (PyTorch's initialisation) or ``"identity"``.
+    * ``reuse_input``: in inference (no autograd graph recorded, eager mode) write the output into
+      the input tensor instead of a new one, as ``nn.ReLU(inplace=True)`` does: one full-size
+      allocation less per call. Only for a caller that does not read the input again; the graph
+      pass sets it at the sites where nothing else reads the site's tensor. Ignored in training,
+      under tracing/compile/export/TorchScript, with ``init="identity"`` (the gate needs F), for
+      a strided or inference-mode input outside inference mode, and off the fused path (other
+      orders or pool types).
 
     Identity init: the module gets a learnable scalar gate ``gamma`` initialised to 0 and
     returns ``F + gamma * (CBAM(F) - F)`` (``torch.lerp``). At ``gamma = 0`` the output is
@@ -740,6 +750,7 @@ class CBAM(nn.Module):
         spatial_norm: bool | None = None,
         dims: int = 2,
         init: str = "default",
+        reuse_input: bool = False,
     ) -> None:
         super().__init__()
         self.channels = _check_positive_int("channels", channels)
@@ -754,6 +765,7 @@ class CBAM(nn.Module):
         _check_bool("spatial", spatial)
         _check_bool("mlp_bias", mlp_bias, optional=True)
         _check_bool("spatial_norm", spatial_norm, optional=True)
+        _check_bool("reuse_input", reuse_input)
         if not (channel or spatial):
             raise ValueError("channel and spatial cannot both be False: CBAM would do nothing")
         official = variant == "official"
@@ -789,9 +801,24 @@ class CBAM(nn.Module):
             and sorted(self.channel_gate.pool_types) == ["avg", "max"]
         )
         self.gamma = nn.Parameter(torch.zeros(1)) if init == "identity" else None
+        self.reuse_input = reuse_input
 
     def extra_repr(self) -> str:
-        return f"channels={self.channels}, dims={self.dims}, variant={self.variant!r}, order={self.order!r}"
+        reuse = ", reuse_input=True" if self.reuse_input else ""
+        return f"channels={self.channels}, dims={self.dims}, variant={self.variant!r}, order={self.order!r}{reuse}"
+
+    @torch.jit.unused
+    def _may_reuse(self, x: torch.Tensor) -> bool:
+        """Whether this call may write its output into ``x`` (see ``reuse_input``)."""
+        return (
+            self.reuse_input
+            and self.gamma is None
+            and type(x) is torch.Tensor
+            and not (torch.is_grad_enabled() and x.requires_grad)
+            and (x.is_contiguous() or x.is_contiguous(memory_format=_memory_format(x)))
+            and (torch.is_inference_mode_enabled() or not x.is_inference())
+            and not _tracing()
+        )
 
     def _attend_fast(self, x: torch.Tensor) -> torch.Tensor:
         cg = self.channel_gate
@@ -804,7 +831,7 @@ class CBAM(nn.Module):
             refined = x * a
             mean, smax = refined.mean(dim=1, keepdim=True), refined.amax(dim=1, keepdim=True)
         else:
-            refined, mean, smax = _refine_and_pool_eager(x, a)
+            refined, mean, smax = _refine_and_pool_eager(x, a, reuse=self._may_reuse(x))
             compiling = _tracing()
         ms = torch.sigmoid(sg.head(sg.stack(mean, smax)))
         # a compiler fuses ``F' * Ms`` with the product that made F' and never writes F' out,

@@ -7,12 +7,20 @@ eval-mode and the train-mode graph of a unit (by node key), so both modes share 
 
 New modules are attached inside the module tree at ``Site.module_name`` (``layer1.0.cbam_add``):
 every original parameter keeps its state-dict key and the new keys are deterministic.
+
+Input reuse: where the tensor a CBAM reads is made fresh by the op before it (a convolution, a
+norm, an addition, possibly through in-place activations) and nothing else reads it, in every
+graph of the unit, the module gets ``reuse_input=True`` and in inference writes its output into
+that tensor instead of allocating one (``nn.ReLU(inplace=True)`` does the same after a norm).
 """
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Sequence
 
+import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from .errors import CBAMInsertError
@@ -46,9 +54,12 @@ def _free_name(root: nn.Module, name: str) -> str:
     return f"{name}_{k}"
 
 
-def splice_unit(unit: Unit, sites: Sequence[Site], make: Callable[[Site], CBAM]) -> tuple[nn.Module, list[str]]:
+def splice_unit(
+    unit: Unit, sites: Sequence[Site], make: Callable[[Site], CBAM], reuse_inputs: bool = True
+) -> tuple[nn.Module, list[str]]:
     """Insert ``make(site)`` after each used site of ``unit``; return the unit's new module and
     the qualified names the CBAM modules got (``_2``, ``_3`` … when a name was taken).
+    With ``reuse_inputs``, modules whose input tensor nothing else reads get ``reuse_input=True``.
 
     The returned module is a ``GraphModule`` (or a ``ModeGraphModule`` when train and eval
     graphs differ) whose submodules are the unit's own, plus the new CBAM modules.
@@ -56,6 +67,7 @@ def splice_unit(unit: Unit, sites: Sequence[Site], make: Callable[[Site], CBAM])
     root = unit.module
     prefix = f"{unit.path}." if unit.path else ""
     names: list[str] = []
+    made: dict[str, CBAM] = {}
     for site in sites:
         if not site.used or site.unit != unit.path:
             continue
@@ -66,6 +78,7 @@ def splice_unit(unit: Unit, sites: Sequence[Site], make: Callable[[Site], CBAM])
         if unit.gm is not root:
             set_submodule(unit.gm, name, cbam)
         names.append(name)
+        made[name] = cbam
         placed = 0
         for graph in unit.graphs.values():
             placed += _insert(graph, site, name)
@@ -73,6 +86,9 @@ def splice_unit(unit: Unit, sites: Sequence[Site], make: Callable[[Site], CBAM])
             raise CBAMInsertError(f"internal: site {site.name} not found in its graph")
     for graph in unit.graphs.values():
         graph.lint()
+    if reuse_inputs:
+        for name, cbam in made.items():
+            cbam.reuse_input = all(_reusable(graph, name, root) for graph in unit.graphs.values())
     class_name = type(unit.module).__name__
     if "train" in unit.graphs:
         gm: fx.GraphModule = ModeGraphModule(root, unit.graphs["train"], unit.graphs["eval"], class_name)
@@ -132,3 +148,86 @@ def _insert(graph: fx.Graph, site: Site, name: str) -> int:
     stack[name] = (name, CBAM)
     new.meta["nn_module_stack"] = stack
     return 1
+
+
+# module classes whose forward returns a new tensor (their own forward, not a subclass's)
+_FRESH_MODULES = (
+    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.InstanceNorm1d, nn.InstanceNorm2d,
+    nn.InstanceNorm3d, nn.GroupNorm, nn.LayerNorm, nn.Linear,
+)  # fmt: skip
+# activations: a new tensor, or with ``inplace=True`` their input, modified
+_ACTIVATIONS = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardtanh, nn.ELU, nn.CELU, nn.SELU, nn.SiLU, nn.Mish, nn.Hardswish,
+    nn.Hardsigmoid,
+)  # fmt: skip
+# modules that may return their input object itself (Dropout in eval mode, Identity)
+_PASS_THROUGH = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+_FRESH_FUNCTIONS = {
+    operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul, torch.cat,
+    torch.conv1d, torch.conv2d, torch.conv3d, F.conv1d, F.conv2d, F.conv3d, F.batch_norm, F.layer_norm,
+    F.group_norm, F.instance_norm, F.linear,
+}  # fmt: skip
+_FRESH_METHODS = {"add", "sub", "mul", "div"}
+_INPLACE_METHODS = {"add_", "sub_", "mul_", "div_", "relu_", "clamp_", "clamp_min_", "sigmoid_", "hardtanh_"}
+
+
+def _known_forward(module: nn.Module, classes: tuple[type, ...]) -> bool:
+    """``module`` is one of ``classes`` running that class's own forward, with no hooks."""
+    return (
+        any(isinstance(module, c) and type(module).forward is c.forward for c in classes)
+        and not module._forward_hooks
+        and not module._forward_pre_hooks
+        and not getattr(module, "_forward_hooks_with_kwargs", None)
+    )
+
+
+def _reusable(graph: fx.Graph, name: str, root: nn.Module) -> bool:
+    """Whether the CBAM node ``name`` of ``graph`` may write into its input tensor: it is the only
+    reader of a tensor made fresh by the op before it. True when the node is not in the graph."""
+    nodes = [n for n in graph.nodes if n.op == "call_module" and n.target == name]
+    if not nodes:
+        return True
+    return all(len(n.args) == 1 and not n.kwargs and _fresh_only_reader(n.args[0], n, root) for n in nodes)
+
+
+def _fresh_only_reader(value: object, reader: fx.Node, root: nn.Module, depth: int = 0) -> bool:
+    """``reader`` is the only user of ``value``, a tensor no other node can reach."""
+    if not isinstance(value, fx.Node) or set(value.users) != {reader} or depth > 16:
+        return False
+    if value.op == "call_module":
+        try:
+            module = root.get_submodule(str(value.target))
+        except AttributeError:
+            return False
+        if _known_forward(module, _FRESH_MODULES):
+            return True
+        if _known_forward(module, _ACTIVATIONS):
+            return not getattr(module, "inplace", False) or _through(value, root, depth)
+        if _known_forward(module, _PASS_THROUGH):
+            return _through(value, root, depth)
+        return False
+    if value.op == "call_function":
+        if value.target in _FRESH_FUNCTIONS:
+            return "out" not in value.kwargs and any(isinstance(a, fx.Node) for a in value.args)
+        if value.target in (F.relu, F.relu6, F.silu, F.hardswish, F.leaky_relu, F.elu):
+            inplace = value.kwargs.get("inplace", value.args[-1] if len(value.args) > 1 else False)
+            if inplace is False:
+                return True
+            return inplace is True and _through(value, root, depth)
+        if value.target in (torch.relu, torch.sigmoid):
+            return True
+        if value.target in (torch.relu_, F.relu_):
+            return _through(value, root, depth)
+        return False
+    if value.op == "call_method":
+        if value.target in _FRESH_METHODS:
+            return "out" not in value.kwargs
+        if value.target in _INPLACE_METHODS:
+            return _through(value, root, depth)
+    return False
+
+
+def _through(node: fx.Node, root: nn.Module, depth: int) -> bool:
+    """``node`` returns its first argument: that tensor must satisfy the same rule."""
+    return bool(node.args) and _fresh_only_reader(node.args[0], node, root, depth + 1)

@@ -330,3 +330,16 @@ def test_subprocess_end_to_end_plain_output_and_error(tmp_path: Path):
     assert proc.returncode == 1
     assert proc.stdout == "" and proc.stderr == "error: nothing.pt: no such file\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.pt"]
+
+
+def test_input_reuse_is_on_by_default_and_survives_save_and_load(model_pt: Path, tmp_path: Path):
+    on, off = tmp_path / "on.pt", tmp_path / "off.pt"
+    assert run(model_pt, *SMALL, "-o", on, "--seed", "1").exit_code == 0
+    res = run(model_pt, *SMALL, "-o", off, "--seed", "1", "--no-reuse-input")
+    assert res.exit_code == 0, res.output
+    a, b = load_model(on), load_model(off)
+    assert all(m.reuse_input for m in _cbams(a).values()) and not any(m.reuse_input for m in _cbams(b).values())
+    a.eval(), b.eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(a(x), b(x), atol=0, rtol=0)

@@ -367,3 +367,92 @@ def test_patched_submodules_keep_their_plain_attributes():
     assert patched.cbam_report.modules == ["inner.cbam_add"]
     assert patched.inner.width == 8
     assert patched(torch.randn(1, 8, 8, 8)).shape == (1, 8, 8, 8)
+
+
+# ----------------------------------------------------------------------------- input reuse
+
+
+def reuse_flags(model):
+    return {n: m.reuse_input for n, m in model.named_modules() if isinstance(m, CBAM)}
+
+
+@pytest.mark.parametrize(("name", "after"), [("resnet50", "block"), ("resnet18", "conv"), ("mobilenet_v2", "block")])
+def test_sites_whose_tensor_nothing_else_reads_reuse_it_and_give_the_same_output(name, after):
+    model = torchvision.models.get_model(name, weights=None).eval()
+    patched = insert_cbam(model, after=after)
+    plain = insert_cbam(model, after=after, reuse_inputs=False)
+    plain.load_state_dict(patched.state_dict())
+    assert all(reuse_flags(patched).values()) and not any(reuse_flags(plain).values())
+    x = torch.randn(2, 3, 64, 64)
+    before = x.clone()
+    with torch.inference_mode():
+        torch.testing.assert_close(patched(x), plain(x), atol=0, rtol=0)
+    assert torch.equal(x, before)
+    assert patched.cbam_recipe["steps"][0]["reuse_inputs"] is True
+
+
+class _Branch(nn.Module):
+    """conv -> bn -> (ReLU in place) feeding ``site``; ``also_read`` makes a second reader."""
+
+    def __init__(self, also_read=False, head=None):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.act = nn.ReLU(inplace=True)
+        self.head = head if head is not None else nn.Identity()
+        self.site = nn.Conv2d(8, 8, 1)
+        self.also_read = also_read
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        z = self.site(self.head(self.act(y)))
+        return z + y if self.also_read else z
+
+
+class _View(nn.Module):
+    def forward(self, x):
+        return x[:, :]
+
+
+@pytest.mark.parametrize(
+    ("model", "after", "reused"),
+    [
+        (_Branch(), "act", True),  # ReLU(inplace) after a batch norm: fresh, one reader
+        (_Branch(), "head", True),  # through Identity and the in-place ReLU
+        (_Branch(also_read=True), "head", False),  # the ReLU's input, which it aliases, is read again
+        (_Branch(head=_View()), "head", False),  # made by a module we do not know: may be a view
+        (nn.Sequential(nn.Identity(), nn.Conv2d(3, 8, 1)), "0", False),  # the model's input itself
+    ],
+    ids=["after-relu", "through-identity", "second-reader", "unknown-module", "model-input"],
+)
+def test_reuse_only_where_the_tensor_is_fresh_and_read_once(model, after, reused):
+    model.eval()
+    channels = 3 if isinstance(model, nn.Sequential) else 8
+    patched = insert_cbam(model, after=after, example_inputs=torch.randn(1, channels, 8, 8))
+    assert list(reuse_flags(patched).values()) == [reused]
+    plain = insert_cbam(model, after=after, reuse_inputs=False, example_inputs=torch.randn(1, channels, 8, 8))
+    plain.load_state_dict(patched.state_dict())
+    x = torch.randn(2, channels, 8, 8)
+    before = x.clone()
+    with torch.no_grad():
+        torch.testing.assert_close(patched(x), plain(x), atol=0, rtol=0)
+    assert torch.equal(x, before)
+
+
+def test_a_hook_on_the_producing_module_turns_reuse_off():
+    model = _Branch().eval()
+    model.bn.register_forward_hook(lambda m, a, out: None)
+    model.act = nn.Identity()
+    patched = insert_cbam(model, after="act", example_inputs=torch.randn(1, 8, 8, 8))
+    assert list(reuse_flags(patched).values()) == [False]
+
+
+def test_reuse_inputs_is_replayed_from_the_recipe_and_checked():
+    from cbam_insert import apply_recipe
+
+    model = torchvision.models.resnet18()
+    patched = insert_cbam(model, after="block", reuse_inputs=False)
+    again = apply_recipe(torchvision.models.resnet18(), patched.cbam_recipe)
+    assert not any(reuse_flags(again).values())
+    with pytest.raises(CBAMInsertError, match="reuse_inputs"):
+        insert_cbam(model, after="block", reuse_inputs="yes")

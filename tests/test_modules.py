@@ -346,6 +346,55 @@ def test_inference_does_not_modify_the_input():
     assert torch.equal(x, before)
 
 
+@pytest.mark.parametrize("shape", [(2, 16, 5, 5), (64, 64, 32, 32)], ids=["one-block", "blocked"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_reuse_input_writes_the_output_into_the_input_in_inference(shape, layout):
+    m = randomize(CBAM(shape[1], reuse_input=True)).eval()
+    x = torch.randn(*shape)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    want = ref_cbam(m, x.clone())
+    for ctx in (torch.no_grad, torch.inference_mode):
+        y = x.clone()
+        with ctx():
+            out = m(y)
+        assert out.data_ptr() == y.data_ptr()
+        torch.testing.assert_close(out, want, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(y, want, atol=1e-6, rtol=1e-6)
+    assert "reuse_input=True" in repr(m)
+
+
+@pytest.mark.parametrize(
+    "case", ["training", "identity-init", "strided", "inference-tensor", "other-order", "trace"]
+)
+def test_reuse_input_is_ignored_where_it_would_be_wrong(case):
+    kwargs = {"init": "identity"} if case == "identity-init" else {"order": "parallel"} if case == "other-order" else {}
+    m = randomize(CBAM(16, reuse_input=True, **kwargs))
+    x = torch.randn(2, 16, 6, 6)
+    if case == "strided":
+        x = torch.randn(2, 16, 6, 12)[..., ::2]
+    if case == "inference-tensor":
+        with torch.inference_mode():
+            x = torch.randn(2, 16, 6, 6)
+    before = x.clone()
+    if case == "training":
+        out = m(x.requires_grad_())
+        out.sum().backward()
+    elif case == "trace":
+        with torch.no_grad():
+            out = torch.jit.trace(m, x)(x)
+    else:
+        with torch.no_grad():
+            out = m(x)
+    assert out.data_ptr() != x.data_ptr()
+    assert torch.equal(x.detach(), before)
+
+
+def test_reuse_input_must_be_a_bool():
+    with pytest.raises(ValueError, match="reuse_input"):
+        CBAM(16, reuse_input=1)
+
+
 # ---------------------------------------------------------------- identity init
 
 
