@@ -11,7 +11,9 @@ Reported per configuration:
 * median forward latency of each model (ms),
 * added latency of each CBAM (patched − bare): the median over rounds of the paired difference
   with the bare model's forward of the same round (drift cancels),
-* ratio = project's added latency / seed's added latency (the target is ≤ 0.5 on ResNet-50).
+* ratio = project's added latency / seed's added latency (the target is ≤ 0.5 on ResNet-50),
+* on CPU, the median minor page faults of one forward of each model (printed, and in ``--json``):
+  the part of the spread between runs that glibc returning freed memory to the kernel causes.
 
 The same is done under ``torch.compile`` (guarded: a compile that fails or runs past
 ``--compile-timeout`` is skipped with the reason), and for channels-last inputs (model and input
@@ -157,29 +159,44 @@ def timer(device: torch.device, clock: str = "wall") -> Callable[[Callable[[], o
     return run
 
 
+def _minor_faults() -> int:
+    """Minor page faults of this process so far (0 where ``resource`` is missing)."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - Windows
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def measure(
     fns: dict[str, Callable[[], object]], reps: int, warmup: int, device: torch.device, clock: str = "wall"
-) -> dict[str, list[float]]:
-    """Interleaved timings: each round runs every fn once, the order rotating between rounds."""
+) -> tuple[dict[str, list[float]], dict[str, list[int]]]:
+    """Interleaved timings: each round runs every fn once, the order rotating between rounds.
+    Also the minor page faults of each call (kernel time the allocator's returned memory costs)."""
     run = timer(device, clock)
     names = list(fns)
     for _ in range(warmup):
         for n in names:
             run(fns[n])
     times: dict[str, list[float]] = {n: [] for n in names}
+    faults: dict[str, list[int]] = {n: [] for n in names}
     for r in range(reps):
         order = names[r % len(names) :] + names[: r % len(names)]
         for n in order:
+            f0 = _minor_faults()
             times[n].append(run(fns[n]))
-    return times
+            faults[n].append(_minor_faults() - f0)
+    return times, faults
 
 
-def summarise(times: dict[str, list[float]]) -> dict[str, float]:
+def summarise(times: dict[str, list[float]], faults: dict[str, list[int]] | None = None) -> dict[str, float]:
     bare = times["bare"]
     out = {f"{k}_ms": statistics.median(v) for k, v in times.items()}
     for k in ("seed", "project"):
         out[f"{k}_added_ms"] = statistics.median(t - b for t, b in zip(times[k], bare))
     out["ratio"] = out["project_added_ms"] / out["seed_added_ms"] if out["seed_added_ms"] > 0 else float("nan")
+    for k, v in (faults or {}).items():
+        out[f"{k}_faults"] = statistics.median(v)
     return out
 
 
@@ -233,8 +250,8 @@ def run_config(models: dict[str, nn.Module], x: torch.Tensor, mode: str, args: a
         extra["seed_vs_project_maxdiff"] = max_abs_diff(outs["seed"], outs["project"])
         for k, m in runners.items():
             fns[k] = lambda m=m: m(x)
-        times = measure(fns, args.reps, args.warmup, device, args.clock)
-    return {**summarise(times), **extra}
+        times, faults = measure(fns, args.reps, args.warmup, device, args.clock)
+    return {**summarise(times, faults), **extra}
 
 
 def print_row(row: dict) -> None:
@@ -245,7 +262,9 @@ def print_row(row: dict) -> None:
     print(
         f"{head} bare {row['bare_ms']:8.2f} ms | seed {row['seed_ms']:8.2f} (+{row['seed_added_ms']:7.2f}) | "
         f"project {row['project_ms']:8.2f} (+{row['project_added_ms']:7.2f}) | ratio {row['ratio']:.2f}"
-        + (f" | compile {row['compile_s']} s" if "compile_s" in row else ""),
+        + (f" | compile {row['compile_s']} s" if "compile_s" in row else "")
+        + (f" | page faults/fwd {row['bare_faults']:.0f} / {row['seed_faults']:.0f} / {row['project_faults']:.0f}"
+           if row.get("device", "cpu") == "cpu" and "bare_faults" in row else ""),
         flush=True,
     )
 

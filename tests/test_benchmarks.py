@@ -46,6 +46,7 @@ def test_bench_model_quick_runs_and_reports_ratios(tmp_path):
         assert r["bare_ms"] > 0 and r["seed_ms"] > 0 and r["project_ms"] > 0
         # same weights in the seed's and the project's CBAM: the patched models agree
         assert r["seed_vs_project_maxdiff"] < 1e-3
+        assert min(r["bare_faults"], r["seed_faults"], r["project_faults"]) >= 0
 
 
 def test_bench_model_profile_quick_prints_op_tables():
