@@ -217,7 +217,7 @@ def _fresh_only_reader(value: object, reader: fx.Node, root: nn.Module, depth: i
             return inplace is True and _through(value, root, depth)
         if value.target in (torch.relu, torch.sigmoid):
             return True
-        if value.target in (torch.relu_, F.relu_):
+        if value.target in (torch.relu_, F.relu_) or _is_stochastic_depth(value.target):
             return _through(value, root, depth)
         return False
     if value.op == "call_method":
@@ -231,3 +231,13 @@ def _fresh_only_reader(value: object, reader: fx.Node, root: nn.Module, depth: i
 def _through(node: fx.Node, root: nn.Module, depth: int) -> bool:
     """``node`` returns its first argument: that tensor must satisfy the same rule."""
     return bool(node.args) and _fresh_only_reader(node.args[0], node, root, depth + 1)
+
+
+def _is_stochastic_depth(target: object) -> bool:
+    """torchvision's ``stochastic_depth`` (the end of EfficientNet's and ConvNeXt's residual
+    branches): its input itself in eval mode, a new tensor in training."""
+    try:
+        from torchvision.ops import stochastic_depth
+    except ImportError:  # pragma: no cover - torchvision is a dependency
+        return False
+    return target is stochastic_depth

@@ -376,7 +376,11 @@ def reuse_flags(model):
     return {n: m.reuse_input for n, m in model.named_modules() if isinstance(m, CBAM)}
 
 
-@pytest.mark.parametrize(("name", "after"), [("resnet50", "block"), ("resnet18", "conv"), ("mobilenet_v2", "block")])
+@pytest.mark.parametrize(
+    ("name", "after"),
+    [("resnet50", "block"), ("resnet18", "conv"), ("mobilenet_v2", "block"), ("efficientnet_b0", "block"),
+     ("convnext_tiny", "block")],
+)  # fmt: skip
 def test_sites_whose_tensor_nothing_else_reads_reuse_it_and_give_the_same_output(name, after):
     model = torchvision.models.get_model(name, weights=None).eval()
     patched = insert_cbam(model, after=after)
