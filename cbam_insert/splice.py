@@ -87,8 +87,9 @@ def splice_unit(
     for graph in unit.graphs.values():
         graph.lint()
     if reuse_inputs:
+        calls = [_module_calls(graph, set(made)) for graph in unit.graphs.values()]
         for name, cbam in made.items():
-            cbam.reuse_input = all(_reusable(graph, name, root) for graph in unit.graphs.values())
+            cbam.reuse_input = all(_reusable(c.get(name, []), root) for c in calls)
     class_name = type(unit.module).__name__
     if "train" in unit.graphs:
         gm: fx.GraphModule = ModeGraphModule(root, unit.graphs["train"], unit.graphs["eval"], class_name)
@@ -178,16 +179,21 @@ def _known_forward(module: nn.Module, classes: tuple[type, ...]) -> bool:
         any(isinstance(module, c) and type(module).forward is c.forward for c in classes)
         and not module._forward_hooks
         and not module._forward_pre_hooks
-        and not getattr(module, "_forward_hooks_with_kwargs", None)
     )
 
 
-def _reusable(graph: fx.Graph, name: str, root: nn.Module) -> bool:
-    """Whether the CBAM node ``name`` of ``graph`` may write into its input tensor: it is the only
-    reader of a tensor made fresh by the op before it. True when the node is not in the graph."""
-    nodes = [n for n in graph.nodes if n.op == "call_module" and n.target == name]
-    if not nodes:
-        return True
+def _module_calls(graph: fx.Graph, names: set[str]) -> dict[str, list[fx.Node]]:
+    """The ``call_module`` nodes of ``graph`` calling one of ``names``, by name (one walk)."""
+    calls: dict[str, list[fx.Node]] = {}
+    for n in graph.nodes:
+        if n.op == "call_module" and n.target in names:
+            calls.setdefault(str(n.target), []).append(n)
+    return calls
+
+
+def _reusable(nodes: list[fx.Node], root: nn.Module) -> bool:
+    """Whether the CBAM calls ``nodes`` (of one graph) may write into their input tensor: each is
+    the only reader of a tensor made fresh by the op before it. True when there are none."""
     return all(len(n.args) == 1 and not n.kwargs and _fresh_only_reader(n.args[0], n, root) for n in nodes)
 
 
