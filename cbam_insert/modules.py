@@ -26,6 +26,7 @@ Example::
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -236,9 +237,7 @@ def _small_conv_eager(conv: nn.Module, x: torch.Tensor, limit: int | None = None
     if (
         type(conv) is not nn.Conv2d  # measured: the native 3-D kernel is slower than oneDNN's
         or conv.padding_mode != "zeros"
-        or not _native_ok(
-            x, x.shape[0] * _plane(x), _NATIVE_CONV_POSITIONS if limit is None else limit, with_grad=True
-        )
+        or not _native_ok(x, x.shape[0] * _plane(x), _NATIVE_CONV_POSITIONS if limit is None else limit, with_grad=True)
     ):
         return conv(x)
     # a 2-channel map made from a channels-last feature map is channels-last too; the native
@@ -274,9 +273,7 @@ def _mlp_native(fc1: nn.Linear, fc2: nn.Linear, pooled: torch.Tensor) -> torch.T
     h = torch._C._nn.thnn_conv2d(
         pooled.reshape(p * n, c, 1, 1), fc1.weight.view(hidden, c, 1, 1), [1, 1], fc1.bias, [1, 1], [0, 0]
     )
-    out = torch._C._nn.thnn_conv2d(
-        torch.relu_(h), fc2.weight.view(c, hidden, 1, 1), [1, 1], fc2.bias, [1, 1], [0, 0]
-    )
+    out = torch._C._nn.thnn_conv2d(torch.relu_(h), fc2.weight.view(c, hidden, 1, 1), [1, 1], fc2.bias, [1, 1], [0, 0])
     return out.view(p, n, c).sum(dim=0)
 
 
@@ -693,6 +690,65 @@ def _backward_pass3(
     return out
 
 
+# the optional compiled kernel's forward (cbam_insert.native), None while it is not enabled; with
+# CBAM_INSERT_NATIVE in the environment the first eligible call asks cbam_insert.native for it
+_native_forward: Any = None
+_native_env_pending = "CBAM_INSERT_NATIVE" in os.environ
+
+
+@torch.jit.unused
+def _native_attend(cbam: CBAM, x: torch.Tensor) -> torch.Tensor | None:
+    """The fused inference forward on the native CPU kernel, or None where it does not apply
+    (see ``cbam_insert.native``): it is not enabled, or not a contiguous float32 2-D CPU input
+    without autograd, or tracing / a dispatch mode, or a spatial BatchNorm in training mode."""
+    global _native_env_pending
+    if _native_forward is None and not _native_env_pending:
+        return None
+    cg, sg = cbam.channel_gate, cbam.spatial_gate
+    assert cg is not None and sg is not None
+    norm = sg.norm
+    if (
+        x.dim() != 4
+        or x.dtype != torch.float32
+        or x.device.type != "cpu"
+        or type(x) is not torch.Tensor
+        or not x.is_contiguous()
+        or x.numel() == 0
+        or (torch.is_grad_enabled() and x.requires_grad)
+        or type(sg.conv) is not nn.Conv2d
+        or sg.conv.padding_mode != "zeros"
+        or cg.fc1.weight.dtype != torch.float32
+        or cg.fc1.weight.device.type != "cpu"
+        or (norm is not None and (norm.training or norm.running_mean is None or norm.running_var is None))
+        or _tracing()
+        or _get_current_dispatch_mode() is not None
+    ):
+        return None
+    if _native_forward is None:
+        _native_env_pending = False
+        from . import native
+
+        if native.enable_from_env() is None:
+            return None
+    out = x if cbam._may_reuse(x) else torch.empty_like(x)
+    return _native_forward(
+        x,
+        cg.fc1.weight,
+        cg.fc1.bias,
+        cg.fc2.weight,
+        cg.fc2.bias,
+        sg.conv.weight,
+        sg.conv.bias,
+        sg.max_first,
+        None if norm is None else norm.weight,
+        None if norm is None else norm.bias,
+        None if norm is None else norm.running_mean,
+        None if norm is None else norm.running_var,
+        1e-5 if norm is None else float(norm.eps),
+        out,
+    )
+
+
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
     if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
@@ -835,6 +891,10 @@ class CBAM(nn.Module):
         cg = self.channel_gate
         sg = self.spatial_gate
         assert cg is not None and sg is not None
+        if not torch.jit.is_scripting():
+            native = _native_attend(self, x)
+            if native is not None:
+                return native
         shape: list[int] = [x.shape[0], self.channels] + [1] * self.dims
         a = torch.sigmoid(cg.logits(x)).view(shape)
         compiling = False

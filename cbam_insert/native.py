@@ -1,0 +1,185 @@
+"""Optional native CPU kernel: one compiled call per CBAM forward in CPU inference.
+
+The default CBAM runs as some 15 PyTorch operations a call. In a whole model on a CPU each of
+them pays for caches that the model's convolutions have just filled with other data, so the
+module costs about twice what it costs on its own. ``cbam_insert/csrc/cbam_cpu.cpp`` does the
+same maths in one call and four passes over the feature map (spatial pools, the MLP, the
+channel pools of ``a * F``, the k x k convolution, the product), vectorised with ATen's
+``Vectorized`` and spread over PyTorch's intra-op threads.
+
+It is opt-in, because it is compiled on the user's machine with ``torch.utils.cpp_extension``
+the first time (a C++ compiler, ninja and Python's headers; about 20 s, then cached under
+``TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``)::
+
+    import cbam_insert.native
+    cbam_insert.native.enable()         # builds or loads; CBAMInsertError saying why if it cannot
+
+or ``CBAM_INSERT_NATIVE=1`` in the environment, which enables it at the first CBAM call that
+could use it and, if the build fails, warns once and goes on without it.
+
+A call uses the kernel when it would take the fused inference path anyway (channel then spatial,
+avg+max pooling, either variant; no autograd graph recorded; not tracing, compiling, exporting
+or under a dispatch mode such as a FLOP counter) and the input is a contiguous (NCHW) float32
+CPU tensor of a 2-D CBAM whose spatial BatchNorm, if any, is in eval mode. Everything else,
+training included, runs the PyTorch path as before. The results agree with it to float32
+rounding (sums taken in another order), not bit for bit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import sys
+import threading
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CBAMInsertError
+
+__all__ = ["ENV_VAR", "build", "disable", "enable", "is_enabled"]
+
+ENV_VAR = "CBAM_INSERT_NATIVE"
+_SOURCE = Path(__file__).resolve().parent / "csrc" / "cbam_cpu.cpp"
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("", "0", "false", "no", "off")
+
+_lock = threading.Lock()
+_extension: Any = None  # the loaded extension module, once built
+_env_checked = False
+
+
+def _flags() -> list[str]:
+    # -fopenmp: at::parallel_for only spreads work over threads when compiled with OpenMP; the
+    # extension then runs on the libgomp.so.1 that torch has already loaded (same soname)
+    flags = ["-O3", "-fopenmp"]
+    machine = platform.machine().lower()
+    if machine in ("x86_64", "amd64") and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        flags += ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"]
+    return flags
+
+
+def _name(flags: list[str]) -> str:
+    """An extension name per source, flags and torch version, so that caches never mix them."""
+    digest = hashlib.sha256()
+    digest.update(_SOURCE.read_bytes())
+    digest.update(" ".join(flags).encode())
+    digest.update(torch.__version__.encode())
+    return f"cbam_insert_cpu_{digest.hexdigest()[:12]}"
+
+
+def _first_error_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for ln in lines:
+        if "error" in ln.lower() and not ln.lower().startswith("ninja"):
+            return ln[:300]
+    return lines[0][:300] if lines else "unknown error"
+
+
+def build(verbose: bool = False) -> Any:
+    """Compile (first time) or load the kernel and return the extension module.
+
+    Raises ``CBAMInsertError`` with a one-line reason when it cannot: no C++ compiler, no ninja,
+    a failed compilation. Thread-safe; concurrent processes share the build through
+    ``torch.utils.cpp_extension``'s lock file.
+    """
+    global _extension
+    with _lock:
+        if _extension is not None:
+            return _extension
+        compiler = os.environ.get("CXX", "c++")
+        if shutil.which(compiler) is None:
+            raise CBAMInsertError(
+                f"cannot build cbam-insert's native CPU kernel: no C++ compiler {compiler!r} on PATH "
+                "(install g++ or clang, or set CXX)"
+            )
+        logger = logging.getLogger("torch.utils.cpp_extension")
+        level = logger.level
+        logger.setLevel(logging.ERROR)  # its import warns that there is no CUDA, which is beside the point here
+        path = os.environ.get("PATH", "")
+        # `pip install ninja` in a virtual environment that is not activated: its bin is not on PATH
+        os.environ["PATH"] = (
+            os.pathsep.join([path, str(Path(sys.executable).parent)]) if path else str(Path(sys.executable).parent)
+        )
+        try:
+            from torch.utils import cpp_extension
+
+            try:
+                cpp_extension.verify_ninja_availability()
+            except RuntimeError:
+                raise CBAMInsertError(
+                    "cannot build cbam-insert's native CPU kernel: ninja is not installed (pip install ninja)"
+                ) from None
+            flags = _flags()
+            try:
+                ext = cpp_extension.load(
+                    name=_name(flags),
+                    sources=[str(_SOURCE)],
+                    extra_cflags=flags,
+                    extra_ldflags=["-fopenmp"],
+                    verbose=verbose,
+                )
+            except Exception as exc:  # noqa: BLE001 - a compiler's failure, reported in one line
+                raise CBAMInsertError(
+                    f"cannot build cbam-insert's native CPU kernel: {_first_error_line(str(exc))}"
+                ) from None
+        finally:
+            logger.setLevel(level)
+            os.environ["PATH"] = path
+        _extension = ext
+        return ext
+
+
+def enable(verbose: bool = False) -> None:
+    """Build or load the kernel and use it for every eligible CBAM call from now on."""
+    from . import modules
+
+    modules._native_forward = build(verbose=verbose).cbam_forward
+
+
+def disable() -> None:
+    """Go back to the PyTorch path (the built kernel stays cached for a later ``enable``)."""
+    from . import modules
+
+    modules._native_forward = None
+
+
+def is_enabled() -> bool:
+    """Whether eligible CBAM calls use the native kernel now."""
+    from . import modules
+
+    return modules._native_forward is not None
+
+
+def enable_from_env() -> Any:
+    """``CBAM_INSERT_NATIVE``'s effect, checked once per process at the first eligible CBAM call:
+    the kernel's forward when the variable asks for it and the build works, else None (with one
+    warning when it was asked for and could not be had)."""
+    global _env_checked
+    if _env_checked:
+        from . import modules
+
+        return modules._native_forward
+    _env_checked = True
+    value = os.environ.get(ENV_VAR, "").strip().lower()
+    if value in _FALSE:
+        return None
+    if value not in _TRUE:
+        warnings.warn(
+            f"{ENV_VAR}={os.environ[ENV_VAR]!r} is not one of {_TRUE + _FALSE[1:]}; the native kernel stays off",
+            stacklevel=3,
+        )
+        return None
+    try:
+        enable()
+    except CBAMInsertError as exc:
+        warnings.warn(f"{ENV_VAR} is set but {exc}; CBAM runs on the PyTorch path", stacklevel=3)
+        return None
+    from . import modules
+
+    return modules._native_forward
