@@ -44,7 +44,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cbam_insert import CBAM, insert_cbam
+from cbam_insert import CBAM, CBAMInsertError, insert_cbam, native
 
 
 class SeedChannelAttention(nn.Module):
@@ -192,9 +192,13 @@ def measure(
 def summarise(times: dict[str, list[float]], faults: dict[str, list[int]] | None = None) -> dict[str, float]:
     bare = times["bare"]
     out = {f"{k}_ms": statistics.median(v) for k, v in times.items()}
-    for k in ("seed", "project"):
-        out[f"{k}_added_ms"] = statistics.median(t - b for t, b in zip(times[k], bare))
-    out["ratio"] = out["project_added_ms"] / out["seed_added_ms"] if out["seed_added_ms"] > 0 else float("nan")
+    for k in ("seed", "project", "native"):
+        if k in times:
+            out[f"{k}_added_ms"] = statistics.median(t - b for t, b in zip(times[k], bare))
+    for k, key in (("project", "ratio"), ("native", "native_ratio")):
+        if k in times:
+            seed = out["seed_added_ms"]
+            out[key] = out[f"{k}_added_ms"] / seed if seed > 0 else float("nan")
     for k, v in (faults or {}).items():
         out[f"{k}_faults"] = statistics.median(v)
     return out
@@ -250,8 +254,24 @@ def run_config(models: dict[str, nn.Module], x: torch.Tensor, mode: str, args: a
         extra["seed_vs_project_maxdiff"] = max_abs_diff(outs["seed"], outs["project"])
         for k, m in runners.items():
             fns[k] = lambda m=m: m(x)
+        if args.native and mode == "eager" and device.type == "cpu":
+            # the project's model again, its CBAM calls on the optional compiled kernel
+            native.enable()
+            try:
+                extra["native_vs_project_maxdiff"] = max_abs_diff(models["project"](x), outs["project"])
+            finally:
+                native.disable()
+            fns["native"] = lambda m=models["project"]: _on_native(m, x)
         times, faults = measure(fns, args.reps, args.warmup, device, args.clock)
     return {**summarise(times, faults), **extra}
+
+
+def _on_native(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    native.enable()  # built and loaded already: this only switches it on
+    try:
+        return model(x)
+    finally:
+        native.disable()
 
 
 def print_row(row: dict) -> None:
@@ -262,6 +282,8 @@ def print_row(row: dict) -> None:
     print(
         f"{head} bare {row['bare_ms']:8.2f} ms | seed {row['seed_ms']:8.2f} (+{row['seed_added_ms']:7.2f}) | "
         f"project {row['project_ms']:8.2f} (+{row['project_added_ms']:7.2f}) | ratio {row['ratio']:.2f}"
+        + (f" | native {row['native_ms']:8.2f} (+{row['native_added_ms']:7.2f}) ratio {row['native_ratio']:.2f}"
+           if "native_ms" in row else "")
         + (f" | compile {row['compile_s']} s" if "compile_s" in row else "")
         + (f" | page faults/fwd {row['bare_faults']:.0f} / {row['seed_faults']:.0f} / {row['project_faults']:.0f}"
            if row.get("device", "cpu") == "cpu" and "bare_faults" in row else ""),
@@ -271,19 +293,24 @@ def print_row(row: dict) -> None:
 
 def markdown(rows: list[dict]) -> str:
     lines = [
-        "| model | batch | layout | mode | bare ms | seed CBAM ms (added) | project CBAM ms (added) | ratio |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        (
+            "| model | batch | layout | mode | bare ms | seed CBAM ms (added) | project CBAM ms (added) | ratio "
+            "| native kernel ms (added) | ratio |"
+        ),
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         if "skipped" in r:
             lines.append(
-                f"| {r['model']} | {r['batch']} | {r['layout']} | {r['mode']} | skipped: {r['skipped']} | | | |"
+                f"| {r['model']} | {r['batch']} | {r['layout']} | {r['mode']} | skipped: {r['skipped']} | | | | | |"
             )
             continue
         lines.append(
             f"| {r['model']} | {r['batch']} | {r['layout']} | {r['mode']} | {r['bare_ms']:.2f} | "
             f"{r['seed_ms']:.2f} (+{r['seed_added_ms']:.2f}) | {r['project_ms']:.2f} (+{r['project_added_ms']:.2f}) | "
-            f"{r['ratio']:.2f} |"
+            f"{r['ratio']:.2f} | "
+            + (f"{r['native_ms']:.2f} (+{r['native_added_ms']:.2f}) | {r['native_ratio']:.2f} |"
+               if "native_ms" in r else "| |")
         )
     return "\n".join(lines)
 
@@ -353,6 +380,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="smoke test: 64x64, batch 1, 2 rounds, eager only")
     p.add_argument("--profile", action="store_true", help="profile the CBAM modules instead of timing models")
     p.add_argument("--profile-rows", type=int, default=12)
+    p.add_argument(
+        "--native",
+        action="store_true",
+        help="also time the project's model on the optional compiled CPU kernel (cbam_insert.native; eager CPU "
+        "rows; builds it on first use, some 20 s)",
+    )
     p.add_argument("--json", type=Path, help="write the rows as JSON here")
     p.add_argument("--markdown", type=Path, help="write a Markdown table here")
     args = p.parse_args(argv)
@@ -363,6 +396,12 @@ def main(argv: list[str] | None = None) -> int:
           f"threads {torch.get_num_threads()}, {args.size}x{args.size}, {args.reps} rounds, {args.clock} clock, "
           "eval + inference_mode",
           flush=True)  # fmt: skip
+    if args.native:
+        try:
+            native.build()
+        except CBAMInsertError as exc:
+            print(f"--native: {exc}", file=sys.stderr)
+            return 1
     if args.profile:
         profile(args)
         return 0

@@ -74,10 +74,12 @@ def _name(flags: list[str]) -> str:
 
 
 def _first_error_line(text: str) -> str:
+    """The compiler's or linker's first diagnostic in a failed build's output, else its first line."""
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    for ln in lines:
-        if "error" in ln.lower() and not ln.lower().startswith("ninja"):
-            return ln[:300]
+    for marker in ("error:", "undefined reference", "cannot find", "ld returned"):
+        for ln in lines:
+            if marker in ln.lower():
+                return ln[:300]
     return lines[0][:300] if lines else "unknown error"
 
 

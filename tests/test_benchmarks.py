@@ -49,6 +49,29 @@ def test_bench_model_quick_runs_and_reports_ratios(tmp_path):
         assert min(r["bare_faults"], r["seed_faults"], r["project_faults"]) >= 0
 
 
+def test_bench_model_native_times_the_compiled_kernel_too(tmp_path):
+    from cbam_insert import CBAMInsertError, native
+
+    try:
+        native.build()
+    except CBAMInsertError as exc:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(str(exc))
+    out = tmp_path / "rows.json"
+    proc = _run("benchmarks/bench_model.py", "--quick", "--models", "resnet18", "--threads", "1", "--native",
+                "--layouts", "contiguous", "--json", str(out))  # fmt: skip
+    assert "native" in proc.stdout
+    (row,) = json.loads(out.read_text())
+    assert row["native_ms"] > 0 and row["native_ratio"] == row["native_added_ms"] / row["seed_added_ms"]
+    assert row["native_vs_project_maxdiff"] < 1e-4
+
+
+def test_import_does_not_build_or_load_the_native_kernel():
+    code = "import sys, cbam_insert, cbam_insert.cli; print(sorted(m for m in ('torch.utils.cpp_extension', 'cbam_insert.native') if m in sys.modules))"
+    assert _run("-c", code).stdout.strip().splitlines()[-1] == "[]"
+
+
 def test_bench_model_profile_quick_prints_op_tables():
     proc = _run("benchmarks/bench_model.py", "--quick", "--models", "resnet18", "--layouts", "contiguous",
                 "--threads", "1", "--profile")  # fmt: skip
