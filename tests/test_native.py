@@ -109,9 +109,10 @@ def test_kernel_matches_the_pytorch_path(case, threads, calls):
     assert not torch.equal(got, x)
 
 
-def test_kernel_reuses_the_input_like_the_pytorch_path(calls, two_threads):
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_kernel_reuses_the_input_like_the_pytorch_path(layout, calls, two_threads):
     module = CBAM(64, reuse_input=True).eval()
-    x = torch.randn(2, 64, 20, 20)
+    x = torch.randn(2, 64, 20, 20).to(memory_format=layout)
     with torch.no_grad():
         expected = _pytorch_path(module, x.clone())
         y = x.clone()
@@ -147,8 +148,8 @@ def _fallback_cases():
         m = CBAM(16)
         return m, torch.randn(2, 16, 8, 8, requires_grad=True), torch.enable_grad
 
-    def channels_last():
-        return CBAM(16).eval(), torch.randn(2, 16, 8, 8).to(memory_format=torch.channels_last), torch.no_grad
+    def strided():
+        return CBAM(16).eval(), torch.randn(2, 16, 8, 16)[..., ::2], torch.no_grad
 
     def float64():
         return CBAM(16).double().eval(), torch.randn(2, 16, 8, 8, dtype=torch.float64), torch.no_grad
@@ -168,7 +169,7 @@ def _fallback_cases():
     def flop_counter():
         return CBAM(16).eval(), torch.randn(2, 16, 8, 8), lambda: FlopCounterMode(display=False)
 
-    return {f.__name__: f for f in (train_grad, channels_last, float64, three_d, one_d, norm_in_training,
+    return {f.__name__: f for f in (train_grad, strided, float64, three_d, one_d, norm_in_training,
                                     parallel_order, flop_counter)}  # fmt: skip
 
 
@@ -283,3 +284,22 @@ def test_environment_variable_off_or_unknown(value, warns):
     assert r.returncode == 0, r.stderr
     assert "after False" in r.stdout
     assert ("is not one of" in r.stderr) == warns
+
+
+@pytest.mark.parametrize("case", ["seed-56", "seed-odd", "seed-tiny-map", "one-channel", "mlp-bias", "official"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kernel_on_channels_last_inputs(case, threads, calls):
+    make, shape = CASES[case]
+    module = make().eval()
+    x = torch.randn(shape).to(memory_format=torch.channels_last)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            expected = _pytorch_path(module, x)
+            got = module(x)
+    finally:
+        torch.set_num_threads(old)
+    assert calls == [shape]
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)

@@ -1,4 +1,4 @@
-// cbam-insert's optional CPU kernel: one CBAM forward (inference, float32, contiguous N x C x H x W)
+// cbam-insert's optional CPU kernel: one CBAM forward (inference, float32, N x C x H x W contiguous or channels-last)
 // in a single call. Built on first use by cbam_insert.native (torch.utils.cpp_extension); the
 // package works without it. The maths is the module's:
 //   a  = sigmoid(fc2(relu(fc1(avg_p x))) + fc2(relu(fc1(max_p x))))        (N, C)
@@ -211,12 +211,102 @@ void apply_gates(const float* x, const float* a, const float* m, int64_t N, int6
   });
 }
 
+// ---- channels-last (N x H x W x C in memory): the same four passes, vectorised over channels ----
+
+// spatial mean and max of each channel: tasks of (sample, channel chunk) walk all positions
+void spatial_pool_nhwc(const float* x, int64_t N, int64_t P, int64_t C, float* mean, float* mx) {
+  constexpr int64_t L = Vec::size();
+  constexpr int64_t kChunk = 256;  // channels a task: the accumulators stay in L1
+  constexpr int64_t kRun = 256;    // positions summed before being added to the total (pairwise-ish)
+  const int64_t chunks = (C + kChunk - 1) / kChunk;
+  at::parallel_for(0, N * chunks, 1, [&](int64_t b, int64_t e) {
+    alignas(64) float total[kChunk];
+    alignas(64) float part[kChunk];
+    alignas(64) float best[kChunk];
+    for (int64_t t = b; t < e; ++t) {
+      const int64_t n = t / chunks, c0 = (t % chunks) * kChunk, len = std::min(kChunk, C - c0);
+      const int64_t vlen = len - len % L;
+      std::fill(total, total + len, 0.f);
+      std::fill(best, best + len, kNegInf);
+      const float* xs = x + n * P * C + c0;
+      for (int64_t p0 = 0; p0 < P; p0 += kRun) {
+        std::fill(part, part + len, 0.f);
+        const int64_t p1 = std::min(P, p0 + kRun);
+        for (int64_t p = p0; p < p1; ++p) {
+          const float* row = xs + p * C;
+          for (int64_t j = 0; j < vlen; j += L) {
+            Vec v = Vec::loadu(row + j);
+            (Vec::loadu(part + j) + v).store(part + j);
+            at::vec::maximum(Vec::loadu(best + j), v).store(best + j);
+          }
+          for (int64_t j = vlen; j < len; ++j) {
+            part[j] += row[j];
+            best[j] = nan_max(best[j], row[j]);
+          }
+        }
+        for (int64_t j = 0; j < len; ++j) total[j] += part[j];
+      }
+      for (int64_t j = 0; j < len; ++j) {
+        mean[n * C + c0 + j] = total[j] / static_cast<float>(P);
+        mx[n * C + c0 + j] = best[j];
+      }
+    }
+  });
+}
+
+// channel mean and max of a * x at each position, into the planes of `pooled` (N, 2, P)
+void channel_pool_nhwc(const float* x, const float* a, int64_t N, int64_t C, int64_t P, bool max_first,
+                       float* pooled) {
+  constexpr int64_t L = Vec::size();
+  const int64_t vlen = C - C % L;
+  at::parallel_for(0, N * P, std::max<int64_t>(1, 4096 / std::max<int64_t>(C, 1)), [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      const int64_t n = t / P, p = t % P;
+      const float* row = x + t * C;
+      const float* as = a + n * C;
+      Vec s(0.f), m(kNegInf);
+      for (int64_t j = 0; j < vlen; j += L) {
+        Vec v = Vec::loadu(row + j) * Vec::loadu(as + j);
+        s = s + v;
+        m = at::vec::maximum(m, v);
+      }
+      float sum = hsum(s), best = hmax(m);
+      for (int64_t j = vlen; j < C; ++j) {
+        const float v = row[j] * as[j];
+        sum += v;
+        best = nan_max(best, v);
+      }
+      pooled[(n * 2 + (max_first ? 1 : 0)) * P + p] = sum / static_cast<float>(C);
+      pooled[(n * 2 + (max_first ? 0 : 1)) * P + p] = best;
+    }
+  });
+}
+
+// out = (x * a) * m, position by position; out may be x
+void apply_gates_nhwc(const float* x, const float* a, const float* m, int64_t N, int64_t C, int64_t P, float* out) {
+  constexpr int64_t L = Vec::size();
+  const int64_t vlen = C - C % L;
+  at::parallel_for(0, N * P, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)), [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      const int64_t n = t / P;
+      const float* row = x + t * C;
+      const float* as = a + n * C;
+      float* o = out + t * C;
+      const float mp = m[t];
+      const Vec mv(mp);
+      for (int64_t j = 0; j < vlen; j += L) ((Vec::loadu(row + j) * Vec::loadu(as + j)) * mv).store(o + j);
+      for (int64_t j = vlen; j < C; ++j) o[j] = (row[j] * as[j]) * mp;
+    }
+  });
+}
+
 const float* data_or_null(const c10::optional<torch::Tensor>& t) {
   return t.has_value() && t->defined() ? t->data_ptr<float>() : nullptr;
 }
 
-void check(const torch::Tensor& t, const char* what) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat && t.is_contiguous(),
+void check(const torch::Tensor& t, const char* what, bool channels_last = false) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat &&
+                  t.is_contiguous(channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous),
               "cbam_insert native kernel: ", what, " must be a contiguous float32 CPU tensor");
 }
 
@@ -230,20 +320,24 @@ double scalar_of(const c10::optional<torch::Tensor>& t, double otherwise) {
 
 }  // namespace
 
-// The module's forward; `out` may be `x` itself (input reuse). Returns `out`.
+// The module's forward on a contiguous or channels-last x; `out` (x's strides) may be `x` itself (input
+// reuse). Returns `out`.
 torch::Tensor cbam_forward(torch::Tensor x, torch::Tensor fc1_w, c10::optional<torch::Tensor> fc1_b,
                            torch::Tensor fc2_w, c10::optional<torch::Tensor> fc2_b, torch::Tensor conv_w,
                            c10::optional<torch::Tensor> conv_b, bool max_first, c10::optional<torch::Tensor> bn_w,
                            c10::optional<torch::Tensor> bn_b, c10::optional<torch::Tensor> bn_mean,
                            c10::optional<torch::Tensor> bn_var, double bn_eps, torch::Tensor out) {
-  check(x, "x");
-  check(out, "out");
+  TORCH_CHECK(x.dim() == 4 && out.sizes() == x.sizes() && out.strides() == x.strides(),
+              "cbam_insert native kernel: x and out must be N x C x H x W with the same strides");
+  // channels-last unless plainly contiguous (a tensor can be both, e.g. with 1 x 1 maps)
+  const bool nhwc = !x.is_contiguous();
+  check(x, "x", nhwc);
+  check(out, "out", nhwc);
   check(fc1_w, "fc1.weight");
   check(fc2_w, "fc2.weight");
   check(conv_w, "conv.weight");
   for (const auto* b : {&fc1_b, &fc2_b, &conv_b})
     if (b->has_value() && (*b)->defined()) check(**b, "a bias");
-  TORCH_CHECK(x.dim() == 4 && out.sizes() == x.sizes(), "cbam_insert native kernel: x and out must be N x C x H x W");
   const int64_t N = x.size(0), C = x.size(1), Hh = x.size(2), W = x.size(3), P = Hh * W;
   const int64_t H = fc1_w.size(0), k = conv_w.size(-1);
   TORCH_CHECK(fc1_w.size(1) == C && fc2_w.size(0) == C && fc2_w.size(1) == H && conv_w.numel() == 2 * k * k && k % 2,
@@ -270,7 +364,10 @@ torch::Tensor cbam_forward(torch::Tensor x, torch::Tensor fc1_w, c10::optional<t
   for (int64_t n0 = 0; n0 < N; n0 += step) {
     const int64_t nb = std::min(step, N - n0);
     const float* px = x.data_ptr<float>() + n0 * C * P;
-    spatial_pool(px, nb * C, P, mean + n0 * C, mx + n0 * C);
+    if (nhwc)
+      spatial_pool_nhwc(px, nb, P, C, mean + n0 * C, mx + n0 * C);
+    else
+      spatial_pool(px, nb * C, P, mean + n0 * C, mx + n0 * C);
     if (nb == 1) {
       channel_gate(mean + n0 * C, mx + n0 * C, nb, C, H, fc1_w.data_ptr<float>(), data_or_null(fc1_b),
                    fc2_w.data_ptr<float>(), data_or_null(fc2_b), a + n0 * C);
@@ -281,14 +378,20 @@ torch::Tensor cbam_forward(torch::Tensor x, torch::Tensor fc1_w, c10::optional<t
       auto gate = scratch.narrow(0, 2 * N * C + n0 * C, nb * C).view({nb, C});
       at::sigmoid_out(gate, at::linear(hidden, fc2_w, fc2_b).sum(0));
     }
-    channel_pool(px, a + n0 * C, nb, C, P, max_first, pooled + n0 * 2 * P);
+    if (nhwc)
+      channel_pool_nhwc(px, a + n0 * C, nb, C, P, max_first, pooled + n0 * 2 * P);
+    else
+      channel_pool(px, a + n0 * C, nb, C, P, max_first, pooled + n0 * 2 * P);
     spatial_gate(pooled + n0 * 2 * P, nb, Hh, W, conv_w.data_ptr<float>(), k, data_or_null(conv_b), scale, shift,
                  m + n0 * P);
-    apply_gates(px, a + n0 * C, m + n0 * P, nb, C, P, out.data_ptr<float>() + n0 * C * P);
+    if (nhwc)
+      apply_gates_nhwc(px, a + n0 * C, m + n0 * P, nb, C, P, out.data_ptr<float>() + n0 * C * P);
+    else
+      apply_gates(px, a + n0 * C, m + n0 * P, nb, C, P, out.data_ptr<float>() + n0 * C * P);
   }
   return out;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
-  mod.def("cbam_forward", &cbam_forward, "CBAM inference forward, float32 NCHW CPU");
+  mod.def("cbam_forward", &cbam_forward, "CBAM inference forward, float32 CPU, contiguous or channels-last");
 }
