@@ -303,3 +303,16 @@ def test_kernel_on_channels_last_inputs(case, threads, calls):
     assert calls == [shape]
     assert got.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_kernel_in_a_channels_last_model(calls):
+    # .to(memory_format=channels_last) also makes the spatial conv's 4-D weight channels-last
+    model = insert_cbam(torchvision.models.resnet18(weights=None), after="block", seed=0).eval()
+    model = model.to(memory_format=torch.channels_last)
+    assert not model.get_submodule("layer1.0.cbam_add").spatial_gate.conv.weight.is_contiguous()
+    x = torch.randn(2, 3, 64, 64).to(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        expected = _pytorch_path(model, x)
+        got = model(x)
+    assert len(calls) == 8
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)

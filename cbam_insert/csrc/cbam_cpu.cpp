@@ -310,10 +310,16 @@ void check(const torch::Tensor& t, const char* what, bool channels_last = false)
               "cbam_insert native kernel: ", what, " must be a contiguous float32 CPU tensor");
 }
 
-// the one value of a 1-element float32 parameter or buffer, or `otherwise` when absent
+// a float32 CPU parameter, made contiguous (a copy only when it is not)
+torch::Tensor as_param(const torch::Tensor& t, const char* what) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat, "cbam_insert native kernel: ", what,
+              " must be a float32 CPU tensor");
+  return t.contiguous();
+}
+
+// the one value of a 1-element float32 parameter or buffer (already through as_param), or `otherwise`
 double scalar_of(const c10::optional<torch::Tensor>& t, double otherwise) {
   if (!t.has_value() || !t->defined()) return otherwise;
-  check(*t, "a BatchNorm parameter");
   TORCH_CHECK(t->numel() == 1, "cbam_insert native kernel: the spatial BatchNorm must have one channel");
   return static_cast<double>(t->data_ptr<float>()[0]);
 }
@@ -333,11 +339,12 @@ torch::Tensor cbam_forward(torch::Tensor x, torch::Tensor fc1_w, c10::optional<t
   const bool nhwc = !x.is_contiguous();
   check(x, "x", nhwc);
   check(out, "out", nhwc);
-  check(fc1_w, "fc1.weight");
-  check(fc2_w, "fc2.weight");
-  check(conv_w, "conv.weight");
-  for (const auto* b : {&fc1_b, &fc2_b, &conv_b})
-    if (b->has_value() && (*b)->defined()) check(**b, "a bias");
+  // parameters in any layout (model.to(memory_format=torch.channels_last) makes the conv's weight NHWC)
+  fc1_w = as_param(fc1_w, "fc1.weight");
+  fc2_w = as_param(fc2_w, "fc2.weight");
+  conv_w = as_param(conv_w, "conv.weight");
+  for (auto* b : {&fc1_b, &fc2_b, &conv_b, &bn_w, &bn_b, &bn_mean, &bn_var})
+    if (b->has_value() && (*b)->defined()) *b = as_param(**b, "a bias or norm parameter");
   const int64_t N = x.size(0), C = x.size(1), Hh = x.size(2), W = x.size(3), P = Hh * W;
   const int64_t H = fc1_w.size(0), k = conv_w.size(-1);
   TORCH_CHECK(fc1_w.size(1) == C && fc2_w.size(0) == C && fc2_w.size(1) == H && conv_w.numel() == 2 * k * k && k % 2,
