@@ -15,7 +15,8 @@ the first time (a C++ compiler, ninja and Python's headers; about 20 s, then cac
     cbam_insert.native.enable()         # builds or loads; CBAMInsertError saying why if it cannot
 
 or ``CBAM_INSERT_NATIVE=1`` in the environment, which enables it at the first CBAM call that
-could use it and, if the build fails, warns once and goes on without it.
+could use it and, if the build fails, warns once and goes on without it. ``python -m
+cbam_insert.native`` builds it ahead of time (``-v`` shows the compiler's output).
 
 A call uses the kernel when it would take the fused inference path anyway (channel then spatial,
 avg+max pooling, either variant; no autograd graph recorded; not tracing, compiling, exporting
@@ -185,3 +186,22 @@ def enable_from_env() -> Any:
     from . import modules
 
     return modules._native_forward
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m cbam_insert.native [-v]``: build (or find) the kernel now and say where it is."""
+    import time
+
+    args = sys.argv[1:] if argv is None else argv
+    start = time.perf_counter()
+    try:
+        ext = build(verbose="-v" in args or "--verbose" in args)
+    except CBAMInsertError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"cbam-insert native CPU kernel ready: {ext.__file__} ({time.perf_counter() - start:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -316,3 +316,16 @@ def test_kernel_in_a_channels_last_model(calls):
         got = model(x)
     assert len(calls) == 8
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_module_entry_point_builds_ahead_of_time(kernel, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "cbam_insert.native"], capture_output=True, text=True, check=False,
+                       cwd=ROOT, timeout=600)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("cbam-insert native CPU kernel ready: ") and ".so" in r.stdout
+    env = {k: v for k, v in os.environ.items() if k != native.ENV_VAR}
+    env.update(CXX="/nonexistent/c++", TORCH_EXTENSIONS_DIR=str(tmp_path))
+    r = subprocess.run([sys.executable, "-m", "cbam_insert.native"], capture_output=True, text=True, check=False,
+                       cwd=ROOT, env=env, timeout=600)  # fmt: skip
+    assert r.returncode == 1
+    assert r.stderr.startswith("error: cannot build") and r.stderr.count("\n") == 1
