@@ -51,7 +51,7 @@ from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cbam_insert import CBAM
+from cbam_insert import CBAM, CBAMInsertError, native
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FULL_SHAPES = [(8, 256, 56, 56), (8, 512, 28, 28), (8, 2048, 7, 7), (1, 256, 56, 56)]
@@ -208,6 +208,7 @@ def bench_shape(
     use_timm: bool,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    use_native: bool = False,
 ) -> dict[str, dict[str, float]]:
     device = torch.device(device)
     torch.manual_seed(0)
@@ -231,7 +232,10 @@ def bench_shape(
 
     for m in impls.values():
         m.eval()
-    fwd = interleaved_medians({k: synced(forward_fn(m, x), device) for k, m in impls.items()}, reps, clock)
+    fwd_impls = dict(impls)
+    if use_native:  # inference only: training never uses the compiled kernel
+        fwd_impls["cbam_insert native"] = OnNative(ours)
+    fwd = interleaved_medians({k: synced(forward_fn(m, x), device) for k, m in fwd_impls.items()}, reps, clock)
     for m in impls.values():
         m.train()
     fb = interleaved_medians({k: synced(train_fn(m, x, grad), device) for k, m in impls.items()}, reps, clock)
@@ -239,7 +243,24 @@ def bench_shape(
     for name, m in impls.items():
         peak, saved = training_memory(m, x, grad)
         result[name] = {"fwd": fwd[name], "fb": fb[name], "peak": peak / 2**20, "saved": saved / 2**20}
+    if use_native:
+        result["cbam_insert native"] = {"fwd": fwd["cbam_insert native"]}
     return result
+
+
+class OnNative(nn.Module):
+    """A CBAM called with the optional compiled CPU kernel (cbam_insert.native) switched on."""
+
+    def __init__(self, inner: CBAM) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        native.enable()  # built already: this only switches it on
+        try:
+            return self.inner(x)
+        finally:
+            native.disable()
 
 
 def render(results: dict[tuple[int, ...], dict[str, dict[str, float]]], markdown: bool) -> str:
@@ -248,6 +269,10 @@ def render(results: dict[tuple[int, ...], dict[str, dict[str, float]]], markdown
     for shape, res in results.items():
         seed = res["seed"]
         for name, r in res.items():
+            if "fb" not in r:  # forward only (the native kernel)
+                rows.append(["x".join(map(str, shape)), name, f"{r['fwd']:.2f}", f"{r['fwd'] / seed['fwd']:.2f}",
+                             "-", "-", "-", "-"])  # fmt: skip
+                continue
             rows.append([
                 "x".join(map(str, shape)), name, f"{r['fwd']:.2f}", f"{r['fwd'] / seed['fwd']:.2f}",
                 f"{r['fb']:.2f}", f"{r['fb'] / seed['fb']:.2f}", f"{r['peak']:.1f}", f"{r['saved']:.1f}",
@@ -282,6 +307,11 @@ def main(argv: list[str] | None = None) -> dict[tuple[int, ...], dict[str, dict[
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
     parser.add_argument("--no-timm", action="store_true", help="leave timm's CbamModule out even when it is installed")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    parser.add_argument(
+        "--native",
+        action="store_true",
+        help="also time the forward on the optional compiled CPU kernel (cbam_insert.native; builds it on first use)",
+    )
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="parameter and input dtype")
     args = parser.parse_args(argv)
@@ -296,6 +326,13 @@ def main(argv: list[str] | None = None) -> dict[tuple[int, ...], dict[str, dict[
     if device.type not in ("cpu", "cuda"):
         parser.error(f"--device: cpu or cuda, got {args.device!r}")
 
+    if args.native and device.type != "cpu":
+        parser.error("--native: the compiled kernel is for the CPU")
+    if args.native:
+        try:
+            native.build()
+        except CBAMInsertError as exc:
+            parser.error(f"--native: {exc}")
     torch.set_num_threads(args.threads)
     shapes = args.shape or (QUICK_SHAPES if args.quick else FULL_SHAPES)
     reps = args.reps or (2 if args.quick else 25)
@@ -311,8 +348,9 @@ def main(argv: list[str] | None = None) -> dict[tuple[int, ...], dict[str, dict[
     results = {}
     for shape in shapes:
         results[shape] = bench_shape(
-            shape, reps, clock, use_timm=not args.no_timm, device=device, dtype=DTYPES[args.dtype]
-        )
+            shape, reps, clock, use_timm=not args.no_timm, device=device, dtype=DTYPES[args.dtype],
+            use_native=args.native,
+        )  # fmt: skip
     print(render(results, args.markdown))
     return results
 

@@ -65,3 +65,25 @@ def test_peak_memory_counts_new_storages_only():
     with bench.LiveBytes() as live:
         y = x * 2
     assert live.peak == y.untyped_storage().nbytes() == 64 * 64 * 4
+
+
+def test_native_row_times_the_compiled_kernel_forward(capsys):
+    import os
+
+    import pytest
+
+    from cbam_insert import CBAMInsertError, native
+
+    try:
+        native.build()
+    except CBAMInsertError as exc:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(str(exc))
+    bench = _load()
+    results = bench.main(["--quick", "--reps", "1", "--shape", "2,32,8,8", "--no-timm", "--native", "--markdown"])
+    out = capsys.readouterr().out
+    assert "| 2x32x8x8 | cbam_insert native |" in out
+    row = results[(2, 32, 8, 8)]["cbam_insert native"]
+    assert set(row) == {"fwd"} and row["fwd"] > 0
+    assert not native.is_enabled()  # switched on only around its own calls
