@@ -798,7 +798,8 @@ class CBAM(nn.Module):
     takes a fused path. Without autograd it makes one full-size tensor and scales it in place;
     in eager training a custom autograd function keeps only the input and small per-sample
     tensors for backward. Under TorchScript, tracing, ``torch.compile`` and export the same maths
-    runs as plain tensor ops.
+    runs as plain tensor ops. On the CPU, inference can run as one compiled call instead
+    (``cbam_insert.native``, opt-in).
     """
 
     def __init__(
