@@ -329,3 +329,15 @@ def test_module_entry_point_builds_ahead_of_time(kernel, tmp_path):
                        cwd=ROOT, env=env, timeout=600)  # fmt: skip
     assert r.returncode == 1
     assert r.stderr.startswith("error: cannot build") and r.stderr.count("\n") == 1
+
+
+def test_kernel_with_identity_init_keeps_the_gate(calls):
+    module = CBAM(32, init="identity").eval()
+    x = torch.randn(2, 32, 12, 12)
+    with torch.no_grad():
+        assert torch.equal(module(x), x)  # gamma = 0: exactly the input, kernel or not
+        module.gamma.fill_(0.3)
+        expected = _pytorch_path(module, x)
+        got = module(x)
+    assert len(calls) == 2
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
