@@ -3,9 +3,9 @@
 The default CBAM runs as some 15 PyTorch operations a call. In a whole model on a CPU each of
 them pays for caches that the model's convolutions have just filled with other data, so the
 module costs about twice what it costs on its own. ``cbam_insert/csrc/cbam_cpu.cpp`` does the
-same maths in one call and four passes over the feature map (spatial pools, the MLP, the
-channel pools of ``a * F``, the k x k convolution, the product), vectorised with ATen's
-``Vectorized`` and spread over PyTorch's intra-op threads.
+same maths in one call and three passes over the feature map (spatial pools; the channel pools
+of ``a * F``; the product), with the MLP and the k x k convolution between them, vectorised with
+ATen's ``Vectorized`` and spread over PyTorch's intra-op threads.
 
 It is opt-in, because it is compiled on the user's machine with ``torch.utils.cpp_extension``
 the first time (a C++ compiler, ninja and Python's headers; about 20 s, then cached under
@@ -14,9 +14,10 @@ the first time (a C++ compiler, ninja and Python's headers; about 20 s, then cac
     import cbam_insert.native
     cbam_insert.native.enable()         # builds or loads; CBAMInsertError saying why if it cannot
 
-or ``CBAM_INSERT_NATIVE=1`` in the environment, which enables it at the first CBAM call that
-could use it and, if the build fails, warns once and goes on without it. ``python -m
-cbam_insert.native`` builds it ahead of time (``-v`` shows the compiler's output).
+or ``CBAM_INSERT_NATIVE=1`` in the environment (read when cbam_insert is imported), which
+enables it at the first CBAM call that could use it and, if the build fails, warns once and goes
+on without it. ``python -m cbam_insert.native`` builds it ahead of time (``-v`` shows the
+compiler's output).
 
 A call uses the kernel when it would take the fused inference path anyway (channel then spatial,
 avg+max pooling, either variant; no autograd graph recorded; not tracing, compiling, exporting

@@ -245,7 +245,12 @@ def _run(code: str, **env: str) -> subprocess.CompletedProcess:
     full.update(env)
     full["PYTHONPATH"] = str(ROOT)
     return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], check=False, capture_output=True, text=True, env=full, timeout=600
+        [sys.executable, "-c", textwrap.dedent(code)],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=full,
+        timeout=600,
     )
 
 

@@ -4,8 +4,9 @@
 //   a  = sigmoid(fc2(relu(fc1(avg_p x))) + fc2(relu(fc1(max_p x))))        (N, C)
 //   F' = a * x;  s = [mean_c F'; max_c F'] (or [max; mean]);  m = sigmoid(conv_kxk(s))   (N, H, W)
 //   out = F' * m
-// in four passes over x: spatial mean+max, channel mean+max of a*x (F' is not stored), the small
-// convolution, and out = (x * a) * m (the same products as storing F', so bit-equal to doing so).
+// in three passes over x: spatial mean+max; channel mean+max of a*x (F' is not stored); and
+// out = (x * a) * m (the same products as storing F', so bit-equal to doing so), with the MLP and the
+// small convolution between them.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
