@@ -699,7 +699,7 @@ _native_env_pending = "CBAM_INSERT_NATIVE" in os.environ
 @torch.jit.unused
 def _native_attend(cbam: CBAM, x: torch.Tensor) -> torch.Tensor | None:
     """The fused inference forward on the native CPU kernel, or None where it does not apply
-    (see ``cbam_insert.native``): it is not enabled, or not a dense (NCHW or NHWC) float32 2-D CPU input
+    (see ``cbam_insert.native``): it is not enabled, or not a contiguous or channels-last float32 CPU input
     without autograd, or tracing / a dispatch mode, or a spatial BatchNorm in training mode."""
     global _native_env_pending
     if _native_forward is None and not _native_env_pending:
@@ -707,15 +707,16 @@ def _native_attend(cbam: CBAM, x: torch.Tensor) -> torch.Tensor | None:
     cg, sg = cbam.channel_gate, cbam.spatial_gate
     assert cg is not None and sg is not None
     norm = sg.norm
+    dims = cbam.dims
     if (
-        x.dim() != 4
+        x.dim() != dims + 2
         or x.dtype != torch.float32
         or x.device.type != "cpu"
         or type(x) is not torch.Tensor
-        or not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
+        or not (x.is_contiguous() or (dims > 1 and x.is_contiguous(memory_format=_memory_format(x))))
         or x.numel() == 0
         or (torch.is_grad_enabled() and x.requires_grad)
-        or type(sg.conv) is not nn.Conv2d
+        or type(sg.conv) is not _CONVS[dims]
         or sg.conv.padding_mode != "zeros"
         or cg.fc1.weight.dtype != torch.float32
         or cg.fc1.weight.device.type != "cpu"

@@ -83,6 +83,11 @@ CASES = {
     "official-no-norm": (lambda: CBAM(64, variant="official", spatial_norm=False), (1, 64, 7, 7)),
     # 1.6 MiB a sample: the kernel works on blocks of two samples, the last block has one
     "blocks": (lambda: CBAM(256), (5, 256, 40, 40)),
+    "1d": (lambda: CBAM(24, dims=1), (3, 24, 37)),
+    "1d-official": (lambda: _official(24, dims=1), (2, 24, 50)),
+    "3d": (lambda: CBAM(32, dims=3), (2, 32, 5, 9, 11)),
+    "3d-k3": (lambda: CBAM(16, dims=3, kernel_size=3), (1, 16, 4, 6, 6)),
+    "3d-official": (lambda: _official(32, dims=3), (2, 32, 3, 8, 8)),
 }
 
 
@@ -143,6 +148,20 @@ def test_kernel_in_a_whole_model(calls):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
+def test_kernel_in_a_video_network(calls):
+    # torchvision's R3D-18: 3-D CBAM (Conv3d spatial gate) on its residual branches
+    model = insert_cbam(torchvision.models.video.r3d_18(weights=None), after="block",
+                        example_inputs=(torch.randn(1, 3, 4, 32, 32),), seed=0).eval()  # fmt: skip
+    n = sum(isinstance(m, CBAM) for m in model.modules())
+    assert n == 8
+    x = torch.randn(2, 3, 4, 32, 32)
+    with torch.inference_mode():
+        expected = _pytorch_path(model, x)
+        got = model(x)
+    assert len(calls) == n
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
 def _fallback_cases():
     def train_grad():
         m = CBAM(16)
@@ -154,11 +173,11 @@ def _fallback_cases():
     def float64():
         return CBAM(16).double().eval(), torch.randn(2, 16, 8, 8, dtype=torch.float64), torch.no_grad
 
-    def three_d():
-        return CBAM(16, dims=3).eval(), torch.randn(1, 16, 4, 6, 6), torch.no_grad
+    def bfloat16():
+        return CBAM(16).to(torch.bfloat16).eval(), torch.randn(2, 16, 8, 8, dtype=torch.bfloat16), torch.no_grad
 
-    def one_d():
-        return CBAM(16, dims=1).eval(), torch.randn(2, 16, 30), torch.no_grad
+    def strided_1d():
+        return CBAM(16, dims=1).eval(), torch.randn(2, 30, 16).transpose(1, 2), torch.no_grad
 
     def norm_in_training():
         return _official(16).train(), torch.randn(2, 16, 8, 8), torch.no_grad
@@ -169,7 +188,7 @@ def _fallback_cases():
     def flop_counter():
         return CBAM(16).eval(), torch.randn(2, 16, 8, 8), lambda: FlopCounterMode(display=False)
 
-    return {f.__name__: f for f in (train_grad, strided, float64, three_d, one_d, norm_in_training,
+    return {f.__name__: f for f in (train_grad, strided, float64, bfloat16, strided_1d, norm_in_training,
                                     parallel_order, flop_counter)}  # fmt: skip
 
 
@@ -291,12 +310,15 @@ def test_environment_variable_off_or_unknown(value, warns):
     assert ("is not one of" in r.stderr) == warns
 
 
-@pytest.mark.parametrize("case", ["seed-56", "seed-odd", "seed-tiny-map", "one-channel", "mlp-bias", "official"])
+@pytest.mark.parametrize(
+    "case", ["seed-56", "seed-odd", "seed-tiny-map", "one-channel", "mlp-bias", "official", "3d", "3d-official"]
+)
 @pytest.mark.parametrize("threads", [1, 2])
 def test_kernel_on_channels_last_inputs(case, threads, calls):
     make, shape = CASES[case]
     module = make().eval()
-    x = torch.randn(shape).to(memory_format=torch.channels_last)
+    layout = torch.channels_last_3d if len(shape) == 5 else torch.channels_last
+    x = torch.randn(shape).to(memory_format=layout)
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -306,7 +328,7 @@ def test_kernel_on_channels_last_inputs(case, threads, calls):
     finally:
         torch.set_num_threads(old)
     assert calls == [shape]
-    assert got.is_contiguous(memory_format=torch.channels_last)
+    assert got.is_contiguous(memory_format=layout)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 

@@ -1,5 +1,5 @@
-// cbam-insert's optional CPU kernel: one CBAM forward (inference, float32, N x C x H x W contiguous or channels-last)
-// in a single call. Built on first use by cbam_insert.native (torch.utils.cpp_extension); the
+// cbam-insert's optional CPU kernel: one CBAM forward (inference, float32; 1-, 2- or 3-D maps, contiguous or
+// channels-last) in a single call. Built on first use by cbam_insert.native (torch.utils.cpp_extension); the
 // package works without it. The maths is the module's:
 //   a  = sigmoid(fc2(relu(fc1(avg_p x))) + fc2(relu(fc1(max_p x))))        (N, C)
 //   F' = a * x;  s = [mean_c F'; max_c F'] (or [max; mean]);  m = sigmoid(conv_kxk(s))   (N, H, W)
@@ -159,36 +159,42 @@ void channel_pool(const float* x, const float* a, int64_t N, int64_t C, int64_t 
   });
 }
 
-// m (N, P) = sigmoid(scale * (conv_kxk(pooled) + bias) + shift), zero padding k / 2; scale and shift are an
-// eval-mode BatchNorm folded (1 and 0 without one)
-void spatial_gate(const float* pooled, int64_t N, int64_t Hh, int64_t W, const float* w, int64_t k, const float* bias,
-                  float scale, float shift, float* m) {
+// m (N, P) = sigmoid(scale * (conv(pooled) + bias) + shift) for maps of T x Hh x W positions (1-D: T = Hh = 1,
+// 2-D: T = 1) and a kernel of kt x kh x k (1 where a dim is absent), zero padding of half the kernel; scale and
+// shift are an eval-mode BatchNorm folded (1 and 0 without one). Weights are [channel][dt][dy][dx].
+void spatial_gate(const float* pooled, int64_t N, int64_t T, int64_t Hh, int64_t W, const float* w, int64_t kt,
+                  int64_t kh, int64_t k, const float* bias, float scale, float shift, float* m) {
   constexpr int64_t L = Vec::size();
-  const int64_t P = Hh * W, pad = k / 2;
-  at::parallel_for(0, N * Hh, std::max<int64_t>(1, 2048 / std::max<int64_t>(W * k, 1)), [&](int64_t b, int64_t e) {
+  const int64_t P = T * Hh * W, rows = T * Hh;
+  at::parallel_for(0, N * rows, std::max<int64_t>(1, 2048 / std::max<int64_t>(W * k * kh * kt, 1)),
+                   [&](int64_t b, int64_t e) {
     std::vector<float> acc(W);
-    for (int64_t t = b; t < e; ++t) {
-      const int64_t n = t / Hh, y = t % Hh;
+    for (int64_t r = b; r < e; ++r) {
+      const int64_t n = r / rows, t = (r % rows) / Hh, y = r % Hh;
       std::fill(acc.begin(), acc.end(), bias ? bias[0] : 0.f);
       for (int64_t ch = 0; ch < 2; ++ch) {
-        for (int64_t dy = 0; dy < k; ++dy) {
-          const int64_t yy = y + dy - pad;
-          if (yy < 0 || yy >= Hh) continue;
-          const float* in = pooled + (n * 2 + ch) * P + yy * W;
-          const float* wr = w + (ch * k + dy) * k;
-          for (int64_t dx = 0; dx < k; ++dx) {
-            const int64_t off = dx - pad;
-            const int64_t x0 = std::max<int64_t>(0, -off), x1 = std::min<int64_t>(W, W - off);
-            const float wv = wr[dx];
-            const Vec wvec(wv);
-            int64_t xx = x0;
-            for (; xx + L <= x1; xx += L)
-              at::vec::fmadd(wvec, Vec::loadu(in + xx + off), Vec::loadu(acc.data() + xx)).store(acc.data() + xx);
-            for (; xx < x1; ++xx) acc[xx] += wv * in[xx + off];
+        for (int64_t dt = 0; dt < kt; ++dt) {
+          const int64_t tt = t + dt - kt / 2;
+          if (tt < 0 || tt >= T) continue;
+          for (int64_t dy = 0; dy < kh; ++dy) {
+            const int64_t yy = y + dy - kh / 2;
+            if (yy < 0 || yy >= Hh) continue;
+            const float* in = pooled + (n * 2 + ch) * P + (tt * Hh + yy) * W;
+            const float* wr = w + ((ch * kt + dt) * kh + dy) * k;
+            for (int64_t dx = 0; dx < k; ++dx) {
+              const int64_t off = dx - k / 2;
+              const int64_t x0 = std::max<int64_t>(0, -off), x1 = std::min<int64_t>(W, W - off);
+              const float wv = wr[dx];
+              const Vec wvec(wv);
+              int64_t xx = x0;
+              for (; xx + L <= x1; xx += L)
+                at::vec::fmadd(wvec, Vec::loadu(in + xx + off), Vec::loadu(acc.data() + xx)).store(acc.data() + xx);
+              for (; xx < x1; ++xx) acc[xx] += wv * in[xx + off];
+            }
           }
         }
       }
-      float* out = m + n * P + y * W;
+      float* out = m + n * P + (t * Hh + y) * W;
       for (int64_t xx = 0; xx < W; ++xx) out[xx] = sigmoid(acc[xx] * scale + shift);
     }
   });
@@ -305,10 +311,14 @@ const float* data_or_null(const c10::optional<torch::Tensor>& t) {
   return t.has_value() && t->defined() ? t->data_ptr<float>() : nullptr;
 }
 
+// channels-last: channels_last for 4-D, channels_last_3d for 5-D tensors
 void check(const torch::Tensor& t, const char* what, bool channels_last = false) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat &&
-                  t.is_contiguous(channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous),
-              "cbam_insert native kernel: ", what, " must be a contiguous float32 CPU tensor");
+  const auto format = !channels_last ? at::MemoryFormat::Contiguous
+                      : t.dim() == 5 ? at::MemoryFormat::ChannelsLast3d
+                                     : at::MemoryFormat::ChannelsLast;
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat && (t.dim() >= 4 || !channels_last) &&
+                  t.is_contiguous(format),
+              "cbam_insert native kernel: ", what, " must be a contiguous (or channels-last) float32 CPU tensor");
 }
 
 // a float32 CPU parameter, made contiguous (a copy only when it is not)
@@ -327,15 +337,16 @@ double scalar_of(const c10::optional<torch::Tensor>& t, double otherwise) {
 
 }  // namespace
 
-// The module's forward on a contiguous or channels-last x; `out` (x's strides) may be `x` itself (input
-// reuse). Returns `out`.
+// The module's forward on a contiguous or channels-last x (N x C x L, N x C x H x W or N x C x T x H x W); `out`
+// (x's strides) may be `x` itself (input reuse). Returns `out`.
 torch::Tensor cbam_forward(torch::Tensor x, torch::Tensor fc1_w, c10::optional<torch::Tensor> fc1_b,
                            torch::Tensor fc2_w, c10::optional<torch::Tensor> fc2_b, torch::Tensor conv_w,
                            c10::optional<torch::Tensor> conv_b, bool max_first, c10::optional<torch::Tensor> bn_w,
                            c10::optional<torch::Tensor> bn_b, c10::optional<torch::Tensor> bn_mean,
                            c10::optional<torch::Tensor> bn_var, double bn_eps, torch::Tensor out) {
-  TORCH_CHECK(x.dim() == 4 && out.sizes() == x.sizes() && out.strides() == x.strides(),
-              "cbam_insert native kernel: x and out must be N x C x H x W with the same strides");
+  TORCH_CHECK(x.dim() >= 3 && x.dim() <= 5 && out.sizes() == x.sizes() && out.strides() == x.strides(),
+              "cbam_insert native kernel: x and out must be N x C x L, N x C x H x W or N x C x T x H x W with the "
+              "same strides");
   // channels-last unless plainly contiguous (a tensor can be both, e.g. with 1 x 1 maps)
   const bool nhwc = !x.is_contiguous();
   check(x, "x", nhwc);
@@ -346,9 +357,12 @@ torch::Tensor cbam_forward(torch::Tensor x, torch::Tensor fc1_w, c10::optional<t
   conv_w = as_param(conv_w, "conv.weight");
   for (auto* b : {&fc1_b, &fc2_b, &conv_b, &bn_w, &bn_b, &bn_mean, &bn_var})
     if (b->has_value() && (*b)->defined()) *b = as_param(**b, "a bias or norm parameter");
-  const int64_t N = x.size(0), C = x.size(1), Hh = x.size(2), W = x.size(3), P = Hh * W;
-  const int64_t H = fc1_w.size(0), k = conv_w.size(-1);
-  TORCH_CHECK(fc1_w.size(1) == C && fc2_w.size(0) == C && fc2_w.size(1) == H && conv_w.numel() == 2 * k * k && k % 2,
+  const int64_t dims = x.dim() - 2;
+  const int64_t N = x.size(0), C = x.size(1), W = x.size(-1);
+  const int64_t Hh = dims >= 2 ? x.size(-2) : 1, T = dims == 3 ? x.size(2) : 1, P = T * Hh * W;
+  const int64_t H = fc1_w.size(0), k = conv_w.size(-1), kh = dims >= 2 ? k : 1, kt = dims == 3 ? k : 1;
+  TORCH_CHECK(fc1_w.size(1) == C && fc2_w.size(0) == C && fc2_w.size(1) == H && conv_w.dim() == x.dim() &&
+                  conv_w.numel() == 2 * kt * kh * k && k % 2,
               "cbam_insert native kernel: parameter shapes do not match x");
   if (x.numel() == 0) return out;
   float scale = 1.f, shift = 0.f;  // the spatial BatchNorm in eval mode: z * scale + shift
@@ -390,8 +404,8 @@ torch::Tensor cbam_forward(torch::Tensor x, torch::Tensor fc1_w, c10::optional<t
       channel_pool_nhwc(px, a + n0 * C, nb, C, P, max_first, pooled + n0 * 2 * P);
     else
       channel_pool(px, a + n0 * C, nb, C, P, max_first, pooled + n0 * 2 * P);
-    spatial_gate(pooled + n0 * 2 * P, nb, Hh, W, conv_w.data_ptr<float>(), k, data_or_null(conv_b), scale, shift,
-                 m + n0 * P);
+    spatial_gate(pooled + n0 * 2 * P, nb, T, Hh, W, conv_w.data_ptr<float>(), kt, kh, k, data_or_null(conv_b), scale,
+                 shift, m + n0 * P);
     if (nhwc)
       apply_gates_nhwc(px, a + n0 * C, m + n0 * P, nb, C, P, out.data_ptr<float>() + n0 * C * P);
     else
