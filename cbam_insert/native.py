@@ -21,8 +21,8 @@ compiler's output).
 
 A call uses the kernel when it would take the fused inference path anyway (channel then spatial,
 avg+max pooling, either variant; no autograd graph recorded; not tracing, compiling, exporting
-or under a dispatch mode such as a FLOP counter) and the input is a contiguous (NCHW) float32
-CPU tensor of a 2-D CBAM whose spatial BatchNorm, if any, is in eval mode. Everything else,
+or under a dispatch mode such as a FLOP counter), the input is a float32 CPU tensor, contiguous
+or channels-last (1-, 2- or 3-D CBAM), and the spatial BatchNorm, if any, is in eval mode. Everything else,
 training included, runs the PyTorch path as before. The results agree with it to float32
 rounding (sums taken in another order), not bit for bit.
 """
