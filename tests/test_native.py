@@ -44,14 +44,6 @@ def calls(kernel, monkeypatch):
     return seen
 
 
-@pytest.fixture
-def two_threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(old)
-
-
 def _pytorch_path(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     saved = M._native_forward
     M._native_forward = None
@@ -92,7 +84,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("threads", [1, 2, 3])
 def test_kernel_matches_the_pytorch_path(case, threads, calls):
     make, shape = CASES[case]
     module = make().eval()
@@ -115,13 +107,21 @@ def test_kernel_matches_the_pytorch_path(case, threads, calls):
 
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
-def test_kernel_reuses_the_input_like_the_pytorch_path(layout, calls, two_threads):
-    module = CBAM(64, reuse_input=True).eval()
-    x = torch.randn(2, 64, 20, 20).to(memory_format=layout)
-    with torch.no_grad():
-        expected = _pytorch_path(module, x.clone())
-        y = x.clone()
-        got = module(y)
+@pytest.mark.parametrize("shape, threads", [((2, 64, 20, 20), 2), ((1, 64, 20, 20), 2), ((1, 32, 5, 9), 3)])
+def test_kernel_reuses_the_input_like_the_pytorch_path(layout, shape, threads, calls):
+    # one sample and several threads too: the output is written into the input only after every
+    # thread has finished reading it
+    module = CBAM(shape[1], reuse_input=True).eval()
+    x = torch.randn(shape).to(memory_format=layout)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            expected = _pytorch_path(module, x.clone())
+            y = x.clone()
+            got = module(y)
+    finally:
+        torch.set_num_threads(old)
     assert len(calls) == 1
     assert got.data_ptr() == y.data_ptr()
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)

@@ -118,120 +118,18 @@ void channel_gate(const float* mean, const float* mx, int64_t N, int64_t C, int6
   });
 }
 
-// channel mean and max of a * x, written as the two planes of `pooled` (N, 2, P)
-void channel_pool(const float* x, const float* a, int64_t N, int64_t C, int64_t P, bool max_first, float* pooled) {
-  constexpr int64_t L = Vec::size();
-  constexpr int64_t kChunk = 512;  // positions per task: the two accumulators stay in L1
-  const int64_t chunks = (P + kChunk - 1) / kChunk;
-  at::parallel_for(0, N * chunks, 1, [&](int64_t b, int64_t e) {
-    alignas(64) float acc[kChunk];
-    alignas(64) float mx[kChunk];
-    for (int64_t t = b; t < e; ++t) {
-      const int64_t n = t / chunks, p0 = (t % chunks) * kChunk, len = std::min(kChunk, P - p0);
-      const int64_t vlen = len - len % L;
-      std::fill(acc, acc + len, 0.f);
-      std::fill(mx, mx + len, kNegInf);
-      const float* xs = x + n * C * P + p0;
-      const float* as = a + n * C;
-      for (int64_t c = 0; c < C; ++c) {
-        const float* row = xs + c * P;
-        const float ac = as[c];
-        const Vec av(ac);
-        for (int64_t j = 0; j < vlen; j += L) {
-          Vec v = Vec::loadu(row + j) * av;
-          (Vec::loadu(acc + j) + v).store(acc + j);
-          at::vec::maximum(Vec::loadu(mx + j), v).store(mx + j);
-        }
-        for (int64_t j = vlen; j < len; ++j) {
-          const float v = row[j] * ac;
-          acc[j] += v;
-          mx[j] = nan_max(mx[j], v);
-        }
-      }
-      float* mean_out = pooled + (n * 2 + (max_first ? 1 : 0)) * P + p0;
-      float* max_out = pooled + (n * 2 + (max_first ? 0 : 1)) * P + p0;
-      const float inv = static_cast<float>(C);
-      for (int64_t j = 0; j < len; ++j) {
-        mean_out[j] = acc[j] / inv;
-        max_out[j] = mx[j];
-      }
-    }
-  });
-}
-
-// m (N, P) = sigmoid(scale * (conv(pooled) + bias) + shift) for maps of T x Hh x W positions (1-D: T = Hh = 1,
-// 2-D: T = 1) and a kernel of kt x kh x k (1 where a dim is absent), zero padding of half the kernel; scale and
-// shift are an eval-mode BatchNorm folded (1 and 0 without one). Weights are [channel][dt][dy][dx].
-void spatial_gate(const float* pooled, int64_t N, int64_t T, int64_t Hh, int64_t W, const float* w, int64_t kt,
-                  int64_t kh, int64_t k, const float* bias, float scale, float shift, float* m) {
-  constexpr int64_t L = Vec::size();
-  const int64_t P = T * Hh * W, rows = T * Hh;
-  at::parallel_for(0, N * rows, std::max<int64_t>(1, 2048 / std::max<int64_t>(W * k * kh * kt, 1)),
-                   [&](int64_t b, int64_t e) {
-    std::vector<float> acc(W);
-    for (int64_t r = b; r < e; ++r) {
-      const int64_t n = r / rows, t = (r % rows) / Hh, y = r % Hh;
-      std::fill(acc.begin(), acc.end(), bias ? bias[0] : 0.f);
-      for (int64_t ch = 0; ch < 2; ++ch) {
-        for (int64_t dt = 0; dt < kt; ++dt) {
-          const int64_t tt = t + dt - kt / 2;
-          if (tt < 0 || tt >= T) continue;
-          for (int64_t dy = 0; dy < kh; ++dy) {
-            const int64_t yy = y + dy - kh / 2;
-            if (yy < 0 || yy >= Hh) continue;
-            const float* in = pooled + (n * 2 + ch) * P + (tt * Hh + yy) * W;
-            const float* wr = w + ((ch * kt + dt) * kh + dy) * k;
-            for (int64_t dx = 0; dx < k; ++dx) {
-              const int64_t off = dx - k / 2;
-              const int64_t x0 = std::max<int64_t>(0, -off), x1 = std::min<int64_t>(W, W - off);
-              const float wv = wr[dx];
-              const Vec wvec(wv);
-              int64_t xx = x0;
-              for (; xx + L <= x1; xx += L)
-                at::vec::fmadd(wvec, Vec::loadu(in + xx + off), Vec::loadu(acc.data() + xx)).store(acc.data() + xx);
-              for (; xx < x1; ++xx) acc[xx] += wv * in[xx + off];
-            }
-          }
-        }
-      }
-      float* out = m + n * P + (t * Hh + y) * W;
-      for (int64_t xx = 0; xx < W; ++xx) out[xx] = sigmoid(acc[xx] * scale + shift);
-    }
-  });
-}
-
-// out = (x * a) * m, row by row; out may be x
-void apply_gates(const float* x, const float* a, const float* m, int64_t N, int64_t C, int64_t P, float* out) {
-  constexpr int64_t L = Vec::size();
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(P, 1));
-  at::parallel_for(0, N * C, grain, [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) {
-      const float* row = x + r * P;
-      const float* mr = m + (r / C) * P;
-      float* o = out + r * P;
-      const float ac = a[r];
-      const Vec av(ac);
-      int64_t j = 0;
-      for (; j + L <= P; j += L) ((Vec::loadu(row + j) * av) * Vec::loadu(mr + j)).store(o + j);
-      for (; j < P; ++j) o[j] = (row[j] * ac) * mr[j];
-    }
-  });
-}
-
-// ---- channels-last (N x H x W x C in memory): the same four passes, vectorised over channels ----
-
-// spatial mean and max of each channel: tasks of (sample, channel chunk) walk all positions
+// NHWC spatial mean and max of each channel: tasks of (sample, channel chunk) walk all positions
 void spatial_pool_nhwc(const float* x, int64_t N, int64_t P, int64_t C, float* mean, float* mx) {
   constexpr int64_t L = Vec::size();
-  constexpr int64_t kChunk = 256;  // channels a task: the accumulators stay in L1
-  constexpr int64_t kRun = 256;    // positions summed before being added to the total (pairwise-ish)
-  const int64_t chunks = (C + kChunk - 1) / kChunk;
+  constexpr int64_t kChannels = 256;  // channels a task: the accumulators stay in L1
+  constexpr int64_t kRun = 256;       // positions summed before being added to the total (pairwise-ish)
+  const int64_t chunks = (C + kChannels - 1) / kChannels;
   at::parallel_for(0, N * chunks, 1, [&](int64_t b, int64_t e) {
-    alignas(64) float total[kChunk];
-    alignas(64) float part[kChunk];
-    alignas(64) float best[kChunk];
+    alignas(64) float total[kChannels];
+    alignas(64) float part[kChannels];
+    alignas(64) float best[kChannels];
     for (int64_t t = b; t < e; ++t) {
-      const int64_t n = t / chunks, c0 = (t % chunks) * kChunk, len = std::min(kChunk, C - c0);
+      const int64_t n = t / chunks, c0 = (t % chunks) * kChannels, len = std::min(kChannels, C - c0);
       const int64_t vlen = len - len % L;
       std::fill(total, total + len, 0.f);
       std::fill(best, best + len, kNegInf);
@@ -261,49 +159,161 @@ void spatial_pool_nhwc(const float* x, int64_t N, int64_t P, int64_t C, float* m
   });
 }
 
-// channel mean and max of a * x at each position, into the planes of `pooled` (N, 2, P)
-void channel_pool_nhwc(const float* x, const float* a, int64_t N, int64_t C, int64_t P, bool max_first,
-                       float* pooled) {
+// ---- channel pooling and the output, for each layout ----
+
+// NCHW: channel sum and max of a * x at `len` consecutive positions (len <= kPositions) starting at xs, whose
+// channel planes are P apart; mean and max written to mean_out / max_out
+constexpr int64_t kPositions = 512;  // positions at a time: the two accumulators stay in L1
+void pool_positions(const float* xs, const float* as, int64_t C, int64_t P, int64_t len, float* mean_out,
+                    float* max_out) {
+  constexpr int64_t L = Vec::size();
+  alignas(64) float acc[kPositions];
+  alignas(64) float mx[kPositions];
+  const int64_t vlen = len - len % L;
+  std::fill(acc, acc + len, 0.f);
+  std::fill(mx, mx + len, kNegInf);
+  for (int64_t c = 0; c < C; ++c) {
+    const float* row = xs + c * P;
+    const float ac = as[c];
+    const Vec av(ac);
+    for (int64_t j = 0; j < vlen; j += L) {
+      Vec v = Vec::loadu(row + j) * av;
+      (Vec::loadu(acc + j) + v).store(acc + j);
+      at::vec::maximum(Vec::loadu(mx + j), v).store(mx + j);
+    }
+    for (int64_t j = vlen; j < len; ++j) {
+      const float v = row[j] * ac;
+      acc[j] += v;
+      mx[j] = nan_max(mx[j], v);
+    }
+  }
+  const float inv = static_cast<float>(C);
+  for (int64_t j = 0; j < len; ++j) {
+    mean_out[j] = acc[j] / inv;
+    max_out[j] = mx[j];
+  }
+}
+
+// NHWC: channel mean and max of a * x at one position (its C channels contiguous at row)
+void pool_position(const float* row, const float* as, int64_t C, float* mean_out, float* max_out) {
   constexpr int64_t L = Vec::size();
   const int64_t vlen = C - C % L;
-  at::parallel_for(0, N * P, std::max<int64_t>(1, 4096 / std::max<int64_t>(C, 1)), [&](int64_t b, int64_t e) {
+  Vec s(0.f), m(kNegInf);
+  for (int64_t j = 0; j < vlen; j += L) {
+    Vec v = Vec::loadu(row + j) * Vec::loadu(as + j);
+    s = s + v;
+    m = at::vec::maximum(m, v);
+  }
+  float sum = hsum(s), best = hmax(m);
+  for (int64_t j = vlen; j < C; ++j) {
+    const float v = row[j] * as[j];
+    sum += v;
+    best = nan_max(best, v);
+  }
+  *mean_out = sum / static_cast<float>(C);
+  *max_out = best;
+}
+
+// acc[0:W] += the kh x k convolution of one Hh x W plane at output row y (zero padding)
+void conv_row_into(const float* plane, int64_t y, int64_t Hh, int64_t W, const float* w, int64_t kh, int64_t k,
+                   float* acc) {
+  constexpr int64_t L = Vec::size();
+  for (int64_t dy = 0; dy < kh; ++dy) {
+    const int64_t yy = y + dy - kh / 2;
+    if (yy < 0 || yy >= Hh) continue;
+    const float* in = plane + yy * W;
+    const float* wr = w + dy * k;
+    for (int64_t dx = 0; dx < k; ++dx) {
+      const int64_t off = dx - k / 2;
+      const int64_t x0 = std::max<int64_t>(0, -off), x1 = std::min<int64_t>(W, W - off);
+      const float wv = wr[dx];
+      const Vec wvec(wv);
+      int64_t xx = x0;
+      for (; xx + L <= x1; xx += L)
+        at::vec::fmadd(wvec, Vec::loadu(in + xx + off), Vec::loadu(acc + xx)).store(acc + xx);
+      for (; xx < x1; ++xx) acc[xx] += wv * in[xx + off];
+    }
+  }
+}
+
+// o[0:len] = (x[0:len] * ac) * m[0:len]  (NCHW: one channel's stretch of positions)
+inline void scale_stretch(const float* x, float ac, const float* m, int64_t len, float* o) {
+  constexpr int64_t L = Vec::size();
+  const Vec av(ac);
+  int64_t j = 0;
+  for (; j + L <= len; j += L) ((Vec::loadu(x + j) * av) * Vec::loadu(m + j)).store(o + j);
+  for (; j < len; ++j) o[j] = (x[j] * ac) * m[j];
+}
+
+// o[0:C] = (x[0:C] * a[0:C]) * mp  (NHWC: one position's channels)
+inline void scale_position(const float* x, const float* a, float mp, int64_t C, float* o) {
+  constexpr int64_t L = Vec::size();
+  const Vec mv(mp);
+  int64_t j = 0;
+  for (; j + L <= C; j += L) ((Vec::loadu(x + j) * Vec::loadu(a + j)) * mv).store(o + j);
+  for (; j < C; ++j) o[j] = (x[j] * a[j]) * mp;
+}
+
+// channel mean and max of a * x, written as the two planes of `pooled` (N, 2, P)
+void channel_pool(const float* x, const float* a, int64_t N, int64_t C, int64_t P, bool max_first, bool nhwc,
+                  float* pooled) {
+  if (nhwc) {
+    at::parallel_for(0, N * P, std::max<int64_t>(1, 4096 / std::max<int64_t>(C, 1)), [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t) {
+        const int64_t n = t / P, p = t % P;
+        pool_position(x + t * C, a + n * C, C, pooled + (n * 2 + (max_first ? 1 : 0)) * P + p,
+                      pooled + (n * 2 + (max_first ? 0 : 1)) * P + p);
+      }
+    });
+    return;
+  }
+  const int64_t chunks = (P + kPositions - 1) / kPositions;
+  at::parallel_for(0, N * chunks, 1, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
-      const int64_t n = t / P, p = t % P;
-      const float* row = x + t * C;
-      const float* as = a + n * C;
-      Vec s(0.f), m(kNegInf);
-      for (int64_t j = 0; j < vlen; j += L) {
-        Vec v = Vec::loadu(row + j) * Vec::loadu(as + j);
-        s = s + v;
-        m = at::vec::maximum(m, v);
-      }
-      float sum = hsum(s), best = hmax(m);
-      for (int64_t j = vlen; j < C; ++j) {
-        const float v = row[j] * as[j];
-        sum += v;
-        best = nan_max(best, v);
-      }
-      pooled[(n * 2 + (max_first ? 1 : 0)) * P + p] = sum / static_cast<float>(C);
-      pooled[(n * 2 + (max_first ? 0 : 1)) * P + p] = best;
+      const int64_t n = t / chunks, p0 = (t % chunks) * kPositions, len = std::min(kPositions, P - p0);
+      pool_positions(x + n * C * P + p0, a + n * C, C, P, len, pooled + (n * 2 + (max_first ? 1 : 0)) * P + p0,
+                     pooled + (n * 2 + (max_first ? 0 : 1)) * P + p0);
     }
   });
 }
 
-// out = (x * a) * m, position by position; out may be x
-void apply_gates_nhwc(const float* x, const float* a, const float* m, int64_t N, int64_t C, int64_t P, float* out) {
-  constexpr int64_t L = Vec::size();
-  const int64_t vlen = C - C % L;
-  at::parallel_for(0, N * P, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)), [&](int64_t b, int64_t e) {
-    for (int64_t t = b; t < e; ++t) {
-      const int64_t n = t / P;
-      const float* row = x + t * C;
-      const float* as = a + n * C;
-      float* o = out + t * C;
-      const float mp = m[t];
-      const Vec mv(mp);
-      for (int64_t j = 0; j < vlen; j += L) ((Vec::loadu(row + j) * Vec::loadu(as + j)) * mv).store(o + j);
-      for (int64_t j = vlen; j < C; ++j) o[j] = (row[j] * as[j]) * mp;
+// m (N, P) = sigmoid(scale * (conv(pooled) + bias) + shift) for maps of T x Hh x W positions (1-D: T = Hh = 1,
+// 2-D: T = 1) and a kernel of kt x kh x k (1 where a dim is absent), zero padding of half the kernel; scale and
+// shift are an eval-mode BatchNorm folded (1 and 0 without one). Weights are [channel][dt][dy][dx].
+void spatial_gate(const float* pooled, int64_t N, int64_t T, int64_t Hh, int64_t W, const float* w, int64_t kt,
+                  int64_t kh, int64_t k, const float* bias, float scale, float shift, float* m) {
+  const int64_t P = T * Hh * W, rows = T * Hh;
+  at::parallel_for(0, N * rows, std::max<int64_t>(1, 2048 / std::max<int64_t>(W * k * kh * kt, 1)),
+                   [&](int64_t b, int64_t e) {
+    std::vector<float> acc(W);
+    for (int64_t r = b; r < e; ++r) {
+      const int64_t n = r / rows, t = (r % rows) / Hh, y = r % Hh;
+      std::fill(acc.begin(), acc.end(), bias ? bias[0] : 0.f);
+      for (int64_t ch = 0; ch < 2; ++ch) {
+        for (int64_t dt = 0; dt < kt; ++dt) {
+          const int64_t tt = t + dt - kt / 2;
+          if (tt < 0 || tt >= T) continue;
+          conv_row_into(pooled + (n * 2 + ch) * P + tt * Hh * W, y, Hh, W, w + (ch * kt + dt) * kh * k, kh, k,
+                        acc.data());
+        }
+      }
+      float* out = m + n * P + (t * Hh + y) * W;
+      for (int64_t xx = 0; xx < W; ++xx) out[xx] = sigmoid(acc[xx] * scale + shift);
     }
+  });
+}
+
+// out = (x * a) * m; out may be x
+void apply_gates(const float* x, const float* a, const float* m, int64_t N, int64_t C, int64_t P, bool nhwc,
+                 float* out) {
+  if (nhwc) {
+    at::parallel_for(0, N * P, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)), [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t) scale_position(x + t * C, a + (t / P) * C, m[t], C, out + t * C);
+    });
+    return;
+  }
+  at::parallel_for(0, N * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(P, 1)), [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) scale_stretch(x + r * P, a[r], m + (r / C) * P, P, out + r * P);
   });
 }
 
@@ -400,16 +410,12 @@ torch::Tensor cbam_forward(torch::Tensor x, torch::Tensor fc1_w, c10::optional<t
       auto gate = scratch.narrow(0, 2 * N * C + n0 * C, nb * C).view({nb, C});
       at::sigmoid_out(gate, at::linear(hidden, fc2_w, fc2_b).sum(0));
     }
-    if (nhwc)
-      channel_pool_nhwc(px, a + n0 * C, nb, C, P, max_first, pooled + n0 * 2 * P);
-    else
-      channel_pool(px, a + n0 * C, nb, C, P, max_first, pooled + n0 * 2 * P);
+    const float* pa = a + n0 * C;
+    float* po = out.data_ptr<float>() + n0 * C * P;
+    channel_pool(px, pa, nb, C, P, max_first, nhwc, pooled + n0 * 2 * P);
     spatial_gate(pooled + n0 * 2 * P, nb, T, Hh, W, conv_w.data_ptr<float>(), kt, kh, k, data_or_null(conv_b), scale,
                  shift, m + n0 * P);
-    if (nhwc)
-      apply_gates_nhwc(px, a + n0 * C, m + n0 * P, nb, C, P, out.data_ptr<float>() + n0 * C * P);
-    else
-      apply_gates(px, a + n0 * C, m + n0 * P, nb, C, P, out.data_ptr<float>() + n0 * C * P);
+    apply_gates(px, pa, m + n0 * P, nb, C, P, nhwc, po);
   }
   return out;
 }
