@@ -49,15 +49,7 @@ def test_bench_model_quick_runs_and_reports_ratios(tmp_path):
         assert min(r["bare_faults"], r["seed_faults"], r["project_faults"]) >= 0
 
 
-def test_bench_model_native_times_the_compiled_kernel_too(tmp_path):
-    from cbam_insert import CBAMInsertError, native
-
-    try:
-        native.build()
-    except CBAMInsertError as exc:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(str(exc))
+def test_bench_model_native_times_the_compiled_kernel_too(tmp_path, native_kernel):
     out = tmp_path / "rows.json"
     proc = _run("benchmarks/bench_model.py", "--quick", "--models", "resnet18", "--threads", "1", "--native",
                 "--layouts", "contiguous", "--json", str(out))  # fmt: skip

@@ -20,15 +20,9 @@ from cbam_insert import modules as M
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def kernel():
-    """The built extension; skipped where no compiler is found, except in CI, where it must build."""
-    try:
-        return native.build()
-    except CBAMInsertError as exc:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(str(exc))
+@pytest.fixture
+def kernel(native_kernel):
+    return native_kernel
 
 
 @pytest.fixture
@@ -51,6 +45,17 @@ def _pytorch_path(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         return module(x)
     finally:
         M._native_forward = saved
+
+
+def _both_paths(module: torch.nn.Module, x: torch.Tensor, threads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(PyTorch path, kernel) outputs in inference mode on ``threads`` intra-op threads."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            return _pytorch_path(module, x), module(x)
+    finally:
+        torch.set_num_threads(old)
 
 
 def _official(channels: int, **kw) -> CBAM:
@@ -92,14 +97,7 @@ def test_kernel_matches_the_pytorch_path(case, threads, calls):
         for p in module.parameters():
             p.mul_(3)
     x = torch.randn(shape)
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with torch.inference_mode():
-            expected = _pytorch_path(module, x)
-            got = module(x)
-    finally:
-        torch.set_num_threads(old)
+    expected, got = _both_paths(module, x, threads)
     assert calls == [shape]
     assert got.shape == expected.shape and got.data_ptr() != x.data_ptr()
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
@@ -319,14 +317,7 @@ def test_kernel_on_channels_last_inputs(case, threads, calls):
     module = make().eval()
     layout = torch.channels_last_3d if len(shape) == 5 else torch.channels_last
     x = torch.randn(shape).to(memory_format=layout)
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with torch.no_grad():
-            expected = _pytorch_path(module, x)
-            got = module(x)
-    finally:
-        torch.set_num_threads(old)
+    expected, got = _both_paths(module, x, threads)
     assert calls == [shape]
     assert got.is_contiguous(memory_format=layout)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
