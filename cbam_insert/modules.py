@@ -692,8 +692,9 @@ def _backward_pass3(
 
 # the optional compiled kernel's forward (cbam_insert.native), None while it is not enabled; with
 # CBAM_INSERT_NATIVE in the environment the first eligible call asks cbam_insert.native for it
+_NATIVE_ENV_VAR = "CBAM_INSERT_NATIVE"
 _native_forward: Any = None
-_native_env_pending = "CBAM_INSERT_NATIVE" in os.environ
+_native_env_pending = _NATIVE_ENV_VAR in os.environ  # cleared by the first eligible call, which asks once
 
 
 @torch.jit.unused

@@ -42,18 +42,18 @@ from typing import Any
 
 import torch
 
+from . import modules
 from .errors import CBAMInsertError
 
 __all__ = ["ENV_VAR", "build", "disable", "enable", "is_enabled"]
 
-ENV_VAR = "CBAM_INSERT_NATIVE"
+ENV_VAR = modules._NATIVE_ENV_VAR
 _SOURCE = Path(__file__).resolve().parent / "csrc" / "cbam_cpu.cpp"
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("", "0", "false", "no", "off")
 
 _lock = threading.Lock()
 _extension: Any = None  # the loaded extension module, once built
-_env_checked = False
 
 
 def _flags() -> tuple[list[str], list[str]]:
@@ -148,35 +148,23 @@ def build(verbose: bool = False) -> Any:
 
 def enable(verbose: bool = False) -> None:
     """Build or load the kernel and use it for every eligible CBAM call from now on."""
-    from . import modules
-
     modules._native_forward = build(verbose=verbose).cbam_forward
 
 
 def disable() -> None:
     """Go back to the PyTorch path (the built kernel stays cached for a later ``enable``)."""
-    from . import modules
-
     modules._native_forward = None
 
 
 def is_enabled() -> bool:
     """Whether eligible CBAM calls use the native kernel now."""
-    from . import modules
-
     return modules._native_forward is not None
 
 
 def enable_from_env() -> Any:
-    """``CBAM_INSERT_NATIVE``'s effect, checked once per process at the first eligible CBAM call:
-    the kernel's forward when the variable asks for it and the build works, else None (with one
-    warning when it was asked for and could not be had)."""
-    global _env_checked
-    if _env_checked:
-        from . import modules
-
-        return modules._native_forward
-    _env_checked = True
+    """``CBAM_INSERT_NATIVE``'s effect, asked for once per process by the first eligible CBAM call
+    (``cbam_insert.modules``): the kernel's forward when the variable asks for it and the build
+    works, else None (with one warning when it was asked for and could not be had)."""
     value = os.environ.get(ENV_VAR, "").strip().lower()
     if value in _FALSE:
         return None
@@ -191,8 +179,6 @@ def enable_from_env() -> Any:
     except CBAMInsertError as exc:
         warnings.warn(f"{ENV_VAR} is set but {exc}; CBAM runs on the PyTorch path", stacklevel=3)
         return None
-    from . import modules
-
     return modules._native_forward
 
 
