@@ -187,6 +187,10 @@ def main(argv: list[str] | None = None) -> int:
     import time
 
     args = sys.argv[1:] if argv is None else argv
+    unknown = [a for a in args if a not in ("-v", "--verbose")]
+    if unknown:
+        print(f"error: unknown argument {unknown[0]!r}; usage: python -m cbam_insert.native [-v]", file=sys.stderr)
+        return 2
     start = time.perf_counter()
     try:
         ext = build(verbose="-v" in args or "--verbose" in args)

@@ -359,3 +359,7 @@ def test_kernel_with_identity_init_keeps_the_gate(calls):
         got = module(x)
     assert len(calls) == 2
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_module_entry_point_rejects_unknown_arguments():
+    assert native.main(["--bogus"]) == 2
