@@ -30,7 +30,14 @@ app = typer.Typer(
 )
 
 EXIT_USER = 1
+EXIT_USAGE = 2
 EXIT_INTERNAL = 3
+EXIT_INTERRUPTED = 130
+
+
+def _json_error(message: str, code: int) -> None:
+    """The ``--json`` answer when the command fails: one object on stdout, like a report's."""
+    sys.stdout.write(json.dumps({"error": message, "exit_code": code}, indent=2) + "\n")
 
 
 def _version(value: bool) -> None:
@@ -65,6 +72,23 @@ def parse_stages(text: str) -> tuple[int, int]:
     except ValueError:
         raise CBAMInsertError(f"--stages {text!r}: expected a stage or a range like 2-4") from None
     return lo, hi
+
+
+def _input_shape_problem(model: Any, shape: tuple[int, ...]) -> str | None:
+    """Why ``shape`` cannot feed ``model``'s first convolution (rank or channels), or None."""
+    from torch import nn
+
+    first = next(((n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+    if first is None:
+        return None
+    name, conv = first
+    spatial = {1: "L", 2: "H, W", 3: "T, H, W"}.get(len(conv.kernel_size), "...")
+    expects = f"the model's first layer {name} ({type(conv).__name__}) expects (N, {conv.in_channels}, {spatial})"
+    if len(shape) != len(conv.kernel_size) + 2:
+        return f"{expects}; the shape given has rank {len(shape)}"
+    if shape[1] != conv.in_channels:
+        return f"{expects}; the shape given has {shape[1]} channel(s)"
+    return None
 
 
 def _cbam_options(**given: Any) -> dict[str, Any]:
@@ -279,6 +303,12 @@ def main_command(
         )
     if source is not None and weights is not None:
         raise typer.BadParameter("give the weights file either as SOURCE or as --weights, not both", param_hint="--weights")
+    def fail(code: int, message: str) -> typer.Exit:
+        sys.stderr.write(f"error: {message}\n")
+        if as_json:
+            _json_error(message, code)
+        return typer.Exit(code)
+
     try:
         _run(
             source=source, after=after, include=include, exclude=exclude, stages=stages, every=every,
@@ -297,21 +327,19 @@ def main_command(
     except CBAMInsertError as exc:
         if debug:
             raise
-        sys.stderr.write(f"error: {_one_line(exc)}\n")
-        raise typer.Exit(EXIT_USER) from None
+        raise fail(EXIT_USER, _one_line(exc)) from None
     except KeyboardInterrupt:
         if debug:
             raise
-        sys.stderr.write("error: interrupted; nothing was written\n")
-        raise typer.Exit(130) from None
+        raise fail(EXIT_INTERRUPTED, "interrupted; nothing was written") from None
     except Exception as exc:  # a bug: one line, the traceback with --debug
         if debug:
             raise
-        sys.stderr.write(
-            f"error: internal error: {type(exc).__name__}: {_one_line(exc)[:300]} "
-            "(a bug in cbam-insert; rerun with --debug for the traceback and report it)\n"
-        )
-        raise typer.Exit(EXIT_INTERNAL) from None
+        raise fail(
+            EXIT_INTERNAL,
+            f"internal error: {type(exc).__name__}: {_one_line(exc)[:300]} "
+            "(a bug in cbam-insert; rerun with --debug for the traceback and report it)",
+        ) from None
 
 
 def _run(
@@ -397,6 +425,9 @@ def _run(
                 )
                 report = patched.cbam_report
             except CBAMInsertError as exc:
+                hint = _input_shape_problem(model, shape) if shape is not None else None
+                if hint is not None:
+                    raise CBAMInsertError(f"--input-shape {input_shape}: {hint}") from exc
                 if not dry_run:
                     raise
                 sites = find_sites(model, after, inputs, **selection)
@@ -414,9 +445,9 @@ def _run(
         if not (quiet or as_json):
             shape_text = _describe_shape(describe_inputs(example)) if example is not None else None
             for renderable in render_report(report, cost, model=patched, show_skipped=dry_run, inputs=shape_text):
-                console.print(renderable)
+                _print(console, renderable)
             if timing is not None:
-                console.print(render_bench(timing))
+                _print(console, render_bench(timing))
         if out is not None and patched is not None:
             with step(f"saving {out}"):
                 if dev.type != "cpu":
@@ -433,11 +464,22 @@ def _run(
         if out is not None:
             sys.stdout.write(f"{out}\n")
     elif why_none:
-        console.print(f"dry run, nothing written: {why_none}", soft_wrap=True)
+        _print(console, f"dry run, nothing written: {why_none}", soft_wrap=True)
     elif out is not None:
-        console.print(f"saved {len(report.modules)} CBAM module(s) to {out}", soft_wrap=True)
+        _print(console, f"saved {len(report.modules)} CBAM module(s) to {out}", soft_wrap=True)
     else:
-        console.print("dry run: nothing written", soft_wrap=True)
+        _print(console, "dry run: nothing written", soft_wrap=True)
+
+
+def _print(console: Any, renderable: Any, **kwargs: Any) -> None:
+    """``console.print``; when stdout is not a terminal, without the spaces Rich pads each line
+    with to the console's width."""
+    if console.is_terminal:
+        console.print(renderable, **kwargs)
+        return
+    with console.capture() as captured:
+        console.print(renderable, **kwargs)
+    sys.stdout.write("".join(line.rstrip() + "\n" for line in captured.get().splitlines()))
 
 
 def _describe_shape(spec: Any) -> str:
@@ -452,7 +494,21 @@ def _describe_shape(spec: Any) -> str:
 
 def main() -> None:
     """Console-script entry point."""
-    app(prog_name="cbam-insert")
+    if "--json" not in sys.argv[1:]:
+        app(prog_name="cbam-insert")
+        return
+    usage_error = typer.BadParameter.__mro__[1]  # click's UsageError, vendored by newer typer releases
+    try:  # usage errors too answer with one JSON object on stdout
+        code = app(prog_name="cbam-insert", standalone_mode=False)
+    except usage_error as exc:
+        exc.show()
+        _json_error(_one_line(exc.format_message()), EXIT_USAGE)
+        sys.exit(EXIT_USAGE)
+    except typer.Abort:
+        sys.stderr.write("error: interrupted; nothing was written\n")
+        _json_error("interrupted; nothing was written", EXIT_INTERRUPTED)
+        sys.exit(EXIT_INTERRUPTED)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -25,9 +25,11 @@ Example::
 from __future__ import annotations
 
 import copy
+import math
 import statistics
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +38,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .modules import CBAM
+from .trace import _keep_image_size
 
 if TYPE_CHECKING:
     from rich.console import RenderableType
@@ -51,6 +54,7 @@ __all__ = [
     "cost_report",
     "count_macs",
     "count_params",
+    "counting_conditions",
     "module_tree",
     "render_bench",
     "render_report",
@@ -145,7 +149,7 @@ def _count(model: nn.Module, example_inputs: tuple[Any, ...]) -> tuple[int, dict
     torch.backends.mha.set_fastpath_enabled(False)  # the fused MHA kernel is invisible to the counter
     try:
         counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS)
-        with counter, torch.no_grad():
+        with counting_conditions(model, example_inputs), counter, torch.no_grad():
             model(*example_inputs)
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
@@ -155,6 +159,59 @@ def _count(model: nn.Module, example_inputs: tuple[Any, ...]) -> tuple[int, dict
     for name, key in _tracker_names(model, CBAM).items():
         per_cbam[name] = sum(per_module.get(key, {}).values()) // 2
     return counter.get_total_flops() // 2, per_cbam
+
+
+@contextmanager
+def counting_conditions(model: nn.Module, example_inputs: tuple[Any, ...]) -> Iterator[list[str]]:
+    """Hold the work of a forward that depends on values, not shapes, fixed while it is counted;
+    yield what was held, in words (empty for most models).
+
+    torchvision's two-stage detectors run their box head (and mask or keypoint head) on however
+    many proposals survive score thresholds and NMS, a number that random weights move from run
+    to run and that a patch moves too: while counting, those filters are held off, so the heads
+    run at their configured capacity (``post_nms_top_n`` proposals, ``detections_per_img``
+    detections) and the count depends on shapes only. Their detection transform keeps the example
+    image's size, the size the sites were traced at, instead of resizing it (to 800 px by default).
+    """
+    held: list[str] = []
+    saved: list[tuple[nn.Module, dict[str, Any]]] = []
+    for mod in model.modules():
+        kind = type(mod).__name__
+        if kind == "GeneralizedRCNNTransform":
+            resized = _resized(mod, example_inputs)
+            if resized is not None:
+                held.append(f"image kept at {resized[0]} (the model's transform would resize it to {resized[1]})")
+        if kind == "RegionProposalNetwork":
+            new = {"min_size": 0.0, "score_thresh": 0.0, "nms_thresh": 1.0}
+            held.append(f"proposals at capacity: {mod.post_nms_top_n()} per image (score filter and NMS held off)")
+        elif kind == "RoIHeads":
+            new = {"score_thresh": -1.0, "nms_thresh": 1.0}
+            held.append(f"detections at capacity: {mod.detections_per_img} per image (score filter and NMS held off)")
+        else:
+            continue
+        saved.append((mod, {k: getattr(mod, k) for k in new}))
+        for k, v in new.items():
+            setattr(mod, k, v)
+    restore = _keep_image_size(model, example_inputs)
+    try:
+        yield held
+    finally:
+        restore()
+        for mod, old in saved:
+            for k, v in old.items():
+                setattr(mod, k, v)
+
+
+def _resized(transform: nn.Module, example_inputs: tuple[Any, ...]) -> tuple[str, str] | None:
+    """(the example image's size, the size ``transform`` would resize it to) when they differ."""
+    first = example_inputs[0] if example_inputs else None
+    image = first[0] if isinstance(first, list) and first else first
+    if not isinstance(image, torch.Tensor) or image.dim() not in (3, 4) or transform.fixed_size is not None:
+        return None
+    h, w = (int(d) for d in image.shape[-2:])
+    scale = min(transform.min_size[-1] / min(h, w), transform.max_size / max(h, w))
+    to = (math.floor(h * scale), math.floor(w * scale))
+    return None if to == (h, w) else (f"{h}x{w}", f"{to[0]}x{to[1]}")
 
 
 def _tracker_names(model: nn.Module, kind: type) -> dict[str, str]:
@@ -177,6 +234,7 @@ class CostReport:
     flops_before: int
     flops_after: int
     per_module: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (params, macs)
+    held: list[str] = field(default_factory=list)  # what ``counting_conditions`` held fixed, in words
 
     @property
     def params_delta(self) -> int:
@@ -191,7 +249,8 @@ class CostReport:
             "params": {"before": self.params_before, "after": self.params_after, "delta": self.params_delta,
                        "percent": _pct(self.params_before, self.params_after)},
             "flops": {"before": self.flops_before, "after": self.flops_after, "delta": self.flops_delta,
-                      "percent": _pct(self.flops_before, self.flops_after), "unit": "MACs", "counted": FLOP_NOTE},
+                      "percent": _pct(self.flops_before, self.flops_after), "unit": "MACs", "counted": FLOP_NOTE,
+                      "held": list(self.held)},
         }  # fmt: skip
 
 
@@ -212,7 +271,14 @@ def cost_report(
     named = dict(patched.named_modules())
     names = list(per_cbam) if modules is None else [n for n in modules if n in named]
     per_module = {n: (count_params(named[n]), per_cbam.get(n, 0)) for n in names}
-    return CostReport(count_params(original), count_params(patched), before, after, per_module)
+    was_training = patched.training
+    patched.eval()  # the conditions of the eval-mode forward that was counted
+    try:
+        with counting_conditions(patched, example_inputs) as held:
+            pass
+    finally:
+        patched.train(was_training)
+    return CostReport(count_params(original), count_params(patched), before, after, per_module, held)
 
 
 def site_cost(site: Site, cost: CostReport) -> tuple[str, int, int] | None:
@@ -231,28 +297,68 @@ def site_cost(site: Site, cost: CostReport) -> tuple[str, int, int] | None:
 # ----------------------------------------------------------------------------- latency
 
 
+SPREAD_WARNING = 1.2  # max/min over the rounds above which --bench warns that the timings are noisy
+
+
 @dataclass
 class BenchResult:
-    """Median latency, in seconds, of the original and the patched model on one input."""
+    """Latency, in seconds, of the original and the patched model on one input: every round's
+    time, their medians (``original``, ``patched``) and their spread."""
 
-    original: float
-    patched: float
-    runs: int
+    original_times: list[float]
+    patched_times: list[float]
     device: str
 
     @property
+    def runs(self) -> int:
+        return len(self.original_times)
+
+    @property
+    def original(self) -> float:
+        return statistics.median(self.original_times)
+
+    @property
+    def patched(self) -> float:
+        return statistics.median(self.patched_times)
+
+    @property
     def ratio(self) -> float:
+        """Median patched / median original."""
         return self.patched / self.original if self.original else float("nan")
 
+    @property
+    def spread(self) -> float:
+        """The larger of the two models' max/min over the rounds (1.0: every round the same)."""
+        return max(max(t) / min(t) if min(t) > 0 else float("inf") for t in (self.original_times, self.patched_times))
+
+    @property
+    def warning(self) -> str | None:
+        """A sentence when the rounds disagree by more than ``SPREAD_WARNING``, else None."""
+        if self.spread <= SPREAD_WARNING:
+            return None
+        return (
+            f"the rounds vary by up to {self.spread:.2f}x (max/min): the machine was busy or the runs too short, "
+            "so the ratio is uncertain; rerun on an idle machine"
+        )
+
     def to_dict(self) -> dict[str, Any]:
+        def ms(times: list[float]) -> dict[str, float]:
+            return {k: round(v * 1e3, 4) for k, v in zip(("min", "median", "max"), _min_med_max(times))}
+
         return {"original_ms": round(self.original * 1e3, 4), "patched_ms": round(self.patched * 1e3, 4),
-                "ratio": round(self.ratio, 4), "runs": self.runs, "device": self.device}  # fmt: skip
+                "ratio": round(self.ratio, 4), "runs": self.runs, "device": self.device,
+                "original": ms(self.original_times), "patched": ms(self.patched_times),
+                "spread": round(self.spread, 4), "warning": self.warning}  # fmt: skip
+
+
+def _min_med_max(times: Sequence[float]) -> tuple[float, float, float]:
+    return min(times), statistics.median(times), max(times)
 
 
 def benchmark(
     original: nn.Module, patched: nn.Module, example_inputs: tuple[Any, ...], runs: int = 20, budget_s: float = 20.0
 ) -> BenchResult:
-    """Median eval-mode forward latency of both models, runs interleaved so drift hits both.
+    """Eval-mode forward latency of both models over ``runs`` rounds, interleaved so drift hits both.
 
     Stops early after ``budget_s`` seconds (at least 3 runs each).
     """
@@ -284,7 +390,7 @@ def benchmark(
     finally:
         for m, mode in zip(models, modes):
             m.train(mode)
-    return BenchResult(statistics.median(times[0]), statistics.median(times[1]), len(times[0]), str(device))
+    return BenchResult(times[0], times[1], str(device))
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -305,6 +411,12 @@ def _human(n: float) -> str:
 
 def _signed(n: int) -> str:
     return f"+{n:,}" if n >= 0 else f"{n:,}"
+
+
+def _spatial(site: Site) -> tuple[int, ...]:
+    """The spatial size of a channels-first site; none for a tensor whose dim 1 is not a channel
+    axis, such as a token tensor (N, L, D), whose trailing dims are no spatial size."""
+    return site.spatial if site.channels else ()
 
 
 def _site_rows(
@@ -347,7 +459,7 @@ def render_report(
             site.name,
             site.kind,
             str(site.channels) if site.channels else "-",
-            "x".join(map(str, site.spatial)) or "-",
+            "x".join(map(str, _spatial(site))) or "-",
             f"{sc[1]:,}" if sc else "-",
             f"{sc[2]:,}" if sc else "-",
         ]
@@ -370,10 +482,10 @@ def render_report(
     if model is not None and report.modules:
         out.append(module_tree(model, report.modules, cost))
     if report.untraced:
-        lines = "; ".join(f"{path or '<model>'}: {why}" for path, why in report.untraced)
-        out.append(Text(f"not traced (left as they are): {lines}", style="yellow"))
+        lines = "".join(f"\n  {path or '<model>'}: {why}" for path, why in report.untraced)
+        out.append(Text(f"not traced (left as they are):{lines}", style="yellow"))
     if cost is not None:
-        note = FLOP_NOTE + (f"; input {inputs}" if inputs else "") + "."
+        note = FLOP_NOTE + (f"; input {inputs}" if inputs else "") + "".join(f"; {h}" for h in cost.held) + "."
         out.append(Text(note, style="dim"))
     return out
 
@@ -408,15 +520,23 @@ def module_tree(model: nn.Module, modules: Sequence[str], cost: CostReport | Non
 
 
 def render_bench(bench: BenchResult) -> Any:
-    """A small table: median latency of the original and the patched model, and the ratio."""
+    """A small table: min, median and max latency over the rounds of the original and the patched
+    model, the ratio of the medians, and a warning line when the rounds disagree."""
+    from rich.console import Group
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=f"Latency on {bench.device} (median of {bench.runs} runs)", title_justify="left")
-    table.add_column("original", justify="right")
-    table.add_column("patched", justify="right")
-    table.add_column("ratio", justify="right")
-    table.add_row(f"{bench.original * 1e3:.3f} ms", f"{bench.patched * 1e3:.3f} ms", f"{bench.ratio:.3f}x")
-    return table
+    table = Table(title=f"Latency on {bench.device} ({bench.runs} rounds)", title_justify="left")
+    table.add_column("")
+    for col in ("min", "median", "max"):
+        table.add_column(col, justify="right")
+    for label, times in (("original", bench.original_times), ("patched", bench.patched_times)):
+        table.add_row(label, *(f"{t * 1e3:.3f} ms" for t in _min_med_max(times)))
+    table.add_row("ratio", f"{min(bench.patched_times) / min(bench.original_times):.3f}x", f"{bench.ratio:.3f}x", "",
+                  style="bold")  # fmt: skip
+    if bench.warning is None:
+        return table
+    return Group(table, Text(f"warning: {bench.warning}", style="yellow"))
 
 
 def report_dict(
@@ -433,7 +553,7 @@ def report_dict(
     for s in report.sites:
         entry = s.to_dict()
         sc = site_cost(s, cost) if cost else None
-        entry["spatial"] = list(s.spatial)
+        entry["spatial"] = list(_spatial(s)) if s.channels else None
         if sc:
             entry["module"], entry["params"], entry["flops"] = sc
         else:

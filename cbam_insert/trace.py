@@ -318,12 +318,14 @@ def _record_inputs(model: nn.Module, example_inputs: tuple[Any, ...]) -> dict[st
 
 
 def _keep_image_size(model: nn.Module, example_inputs: tuple[Any, ...]) -> Callable[[], None]:
-    """While recording, stop torchvision's detection transform from resizing the example image
-    (to 800 px by default): sites do not depend on the size, and the run costs 6x less."""
-    images = example_inputs[0] if example_inputs and isinstance(example_inputs[0], list) else None
-    if not images or not isinstance(images[0], torch.Tensor) or images[0].dim() != 3:
+    """While recording (and counting, ``report.counting_conditions``), stop torchvision's detection
+    transform from resizing the example image (to 800 px by default): sites do not depend on the
+    size, and the run costs 6x less."""
+    first = example_inputs[0] if example_inputs else None
+    image = first[0] if isinstance(first, list) and first else first
+    if not isinstance(image, torch.Tensor) or image.dim() not in (3, 4):  # [C x H x W, ...] or N x C x H x W
         return lambda: None
-    h, w = images[0].shape[-2:]
+    h, w = image.shape[-2:]
     saved = []
     for mod in model.modules():
         if type(mod).__name__ == "GeneralizedRCNNTransform" and getattr(mod, "fixed_size", None) is None:
@@ -342,10 +344,14 @@ def _run(model: nn.Module, example_inputs: tuple[Any, ...]) -> Any:
         return model(*example_inputs)
 
 
-def _short_reason(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    first = text[0] if text else type(exc).__name__
-    return f"{type(exc).__name__}: {first[:160]}"
+def _short_reason(exc: BaseException, limit: int = 100) -> str:
+    """``"TraceError: Proxy object cannot be iterated"``: the message's first sentence, cut at a
+    word boundary when it is longer than ``limit`` characters."""
+    lines = str(exc).strip().splitlines()
+    first = lines[0].split(". ")[0].strip().rstrip(".") if lines else ""
+    if len(first) > limit:
+        first = first[:limit].rsplit(" ", 1)[0] + " ..."
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
 def _make_unit(path: str, module: nn.Module, args: tuple[Any, ...], leaf_types: Sequence[type]) -> Unit:
@@ -373,7 +379,7 @@ def trace_units(
         recorded = _record_inputs(model, tuple(example_inputs))
     except Exception as exc:
         raise CBAMInsertError(
-            f"the model does not run on the example inputs ({_short_reason(exc)}); "
+            f"the model does not run on the example inputs ({_short_reason(exc, 240)}); "
             "pass example_inputs / --input-shape that its forward accepts"
         ) from exc
     result = TraceResult([], [("", f"whole model: {root_reason}")])

@@ -236,7 +236,7 @@ def _written(tmp_path: Path) -> list[str]:
         (["{model}", "--stages", "3-2"], "stages must be a range"),
         (["{model}", "--every", "0"], "every must be an integer >= 1"),
         (["{model}", "--input-shape", "1,3,abc"], "--input-shape '1,3,abc'"),
-        (["{model}", "--input-shape", "1,1,64,64"], "does not run on the example inputs"),
+        (["{model}", "--input-shape", "1,1,64,64"], "first layer conv1 (Conv2d) expects (N, 3, H, W)"),
         (["{model}", "--device", "cuda:0"] if not torch.cuda.is_available() else ["{model}", "--device", "warp"],
          "--device"),
         (["{model}", "--format", "gif"], "--format 'gif'"),
