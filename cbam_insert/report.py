@@ -485,8 +485,10 @@ def render_report(
         lines = "".join(f"\n  {path or '<model>'}: {why}" for path, why in report.untraced)
         out.append(Text(f"not traced (left as they are):{lines}", style="yellow"))
     if cost is not None:
-        note = FLOP_NOTE + (f"; input {inputs}" if inputs else "") + "".join(f"; {h}" for h in cost.held) + "."
+        note = FLOP_NOTE + (f"; input {inputs}" if inputs else "") + "."
         out.append(Text(note, style="dim"))
+        if cost.held:
+            out.append(Text(f"held while counting: {'; '.join(cost.held)}.", style="dim"))
     return out
 
 

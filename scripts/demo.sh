@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Quick start 1: install, then put CBAM on every residual block of torchvision's ResNet-50
+# Quick start 1: install (pip install -e ., no test extras), then put CBAM on every residual block of torchvision's ResNet-50
 # (random weights), print the report, and save resnet50_cbam.pt in the current directory.
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")/.." && pwd)"

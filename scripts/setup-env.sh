@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
-# Create .venv (once) and install cbam-insert with its test extras into it.
+# Create .venv (once) and install cbam-insert into it: `setup-env.sh` installs what the command
+# needs (pip install -e .); `setup-env.sh test` adds the test extras (pip install -e ".[test]").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
+case "${1:-}" in
+    "") target="." check="import cbam_insert" ;;
+    test) target=".[test]" check="import cbam_insert, pytest, onnxruntime, safetensors, hypothesis, sklearn" ;;
+    *) echo "usage: scripts/setup-env.sh [test]" >&2; exit 2 ;;
+esac
 if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
-if ! .venv/bin/python -c "import cbam_insert, pytest, onnxruntime, safetensors, hypothesis, sklearn" >/dev/null 2>&1; then
+if ! .venv/bin/python -c "$check" >/dev/null 2>&1; then
     .venv/bin/python -m pip install --quiet --upgrade pip >/dev/null 2>&1 || true
-    .venv/bin/python -m pip install --quiet -e ".[test]"
+    .venv/bin/python -m pip install --quiet -e "$target"
 fi
