@@ -146,7 +146,7 @@ def _same_file(a: Path, b: Path) -> bool:
 @app.command(
     name="cbam-insert",
     epilog="Exit status: 0 done, 1 user error (one line on stderr, nothing written), "
-    "2 usage error, 3 internal error (rerun with --debug)."
+    "2 usage error, 3 internal error (rerun with --debug), 130 interrupted. Full reference: docs/cli.md."
 )
 def main_command(
     source: Annotated[str | None, typer.Argument(
@@ -264,7 +264,8 @@ def main_command(
     )] = "cpu",
     output: Annotated[Path | None, typer.Option(
         "-o", "--output", metavar="FILE", show_default=False,
-        help="Where to save [default: beside the input as NAME_cbam.pt; ./NAME_cbam.pt for torchvision:NAME].",
+        help="Where to save [default: beside the input as NAME_cbam.EXT, EXT from --format (.pt, .pth, "
+        ".safetensors, .ts, .onnx, .pt2); ./NAME_cbam.EXT for torchvision:NAME, e.g. resnet18_cbam.onnx].",
     )] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")] = False,
     dry_run: Annotated[bool, typer.Option(
@@ -273,10 +274,12 @@ def main_command(
     )] = False,
     as_json: Annotated[bool, typer.Option(
         "--json",
-        help="Print the report as JSON on stdout and nothing else there: cbam-insert m.pt --json | jq .params.",
+        help="Print the report as JSON on stdout and nothing else there; on failure one object with error and "
+        "exit_code: cbam-insert m.pt --json | jq .params.",
     )] = False,
     bench: Annotated[bool, typer.Option(
-        "--bench", help="Also time the original and the patched model on the example input (median, ratio).",
+        "--bench", help="Also time the original and the patched model on the example input: min, median and max "
+        "over the rounds and the ratio; warns when the rounds disagree by more than 1.2x.",
     )] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the output path.")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,

@@ -259,3 +259,39 @@ def test_render_and_json_of_a_token_site_without_a_cost():
     assert report_dict(report, None)["sites"][0]["spatial"] is None
     row = [line for line in _text(render_report(report, None, show_skipped=True)[0]).splitlines() if "blocks.0" in line]
     assert re.search(r"│ block\s+│\s+-\s+│\s+-\s+│", row[0]), row
+
+
+# ----------------------------------------------------------------------------- 10. docs
+
+
+def _onnx_opset() -> int:
+    """The opset the ONNX writer asks for, wherever the package keeps the constant."""
+    found = {int(m) for p in (ROOT / "cbam_insert").rglob("*.py") for m in re.findall(r"_ONNX_OPSET = (\d+)", p.read_text())}
+    assert len(found) == 1, found
+    return found.pop()
+
+
+def test_docs_state_the_onnx_opset_the_code_uses():
+    opset = _onnx_opset()
+    docs = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    stated = {(p.name, int(n)) for p in docs for n in re.findall(r"opset[ _]?(?:version[ =]*)?(\d+)", p.read_text())}
+    assert ("cli.md", opset) in stated
+    assert {n for _, n in stated} == {opset}, stated  # was: opset 17 in one place, 18 in another
+
+
+def test_cli_doc_lists_every_option_and_the_default_output_names():
+    from typer.main import get_command
+
+    from cbam_insert.cli import app
+    from cbam_insert.io import FORMATS, default_output
+
+    doc = (ROOT / "docs" / "cli.md").read_text()
+    for param in get_command(app).params:
+        for opt in (*param.opts, *param.secondary_opts):
+            if opt.startswith("-"):
+                assert re.search(rf"(?<![\w-]){re.escape(opt)}(?![\w-])", doc), opt
+    for fmt in FORMATS:
+        assert f"`./{default_output('torchvision:resnet18', fmt).name}`" in doc, fmt
+    assert "resnet18_cbam.onnx" in doc
+    assert re.search(r"about \d+ minutes on 2 idle\s+cores", doc)  # the test suite's duration
+    assert f"{SPREAD_WARNING}x" in doc
