@@ -17,7 +17,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from cbam_insert import CBAM, insert_cbam, modules
+from cbam_insert import CBAM, insert_cbam
+from cbam_insert.fast import eager as modules
 
 STEPS = 3
 BATCH = (4, 3, 32, 32)  # per rank under DDP; 2 samples make train-mode batch norm on layer4's 1x1 maps ill-conditioned

@@ -165,7 +165,7 @@ def test_max_ties_share_the_gradient_like_amax():
     xg, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
     out = m(xg)
     with torch.enable_grad():
-        plain = m._attend_fast(xr)  # plain tensor ops: amax's own backward
+        plain = m._attend(xr)  # plain tensor ops: amax's own backward
     g = torch.randn_like(out)
     params = list(m.parameters())
     for a, b in zip(torch.autograd.grad(out, [xg, *params], g), torch.autograd.grad(plain, [xr, *params], g)):
@@ -175,7 +175,7 @@ def test_max_ties_share_the_gradient_like_amax():
 @pytest.mark.parametrize("shape", [(5, 24, 7, 7), (3, 16, 6, 10)], ids=["odd-map", "even-map"])
 def test_blocked_passes_give_the_same_values_and_grads(shape, monkeypatch):
     """Tiny block sizes force the sample-blocked pooling, the row-blocked max gradient and the folds."""
-    from cbam_insert import modules
+    from cbam_insert.fast import eager as modules
 
     m = randomize(CBAM(shape[1]))
     x = torch.relu(torch.randn(shape))  # zeros: tied maxima too
@@ -194,7 +194,7 @@ def test_blocked_passes_give_the_same_values_and_grads(shape, monkeypatch):
     got = torch.autograd.grad(out, [xg, *m.parameters()], g)
     xp = x.clone().requires_grad_()
     with torch.enable_grad():
-        plain = m._attend_fast(xp)  # amax's own backward: ties shared evenly
+        plain = m._attend(xp)  # amax's own backward: ties shared evenly
     for a, b in zip(got, torch.autograd.grad(plain, [xp, *m.parameters()], g)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     # where no channel is all zeros (no tied spatial maximum) the reference's gradient is the same
@@ -304,7 +304,7 @@ def test_official_variant_in_training_updates_batchnorm_statistics_once():
     x = torch.randn(4, 16, 6, 6)
     fused(x.clone().requires_grad_()).sum().backward()  # fused autograd function
     with torch.enable_grad():
-        plain._attend_fast(x.clone().requires_grad_()).sum().backward()
+        plain._attend(x.clone().requires_grad_()).sum().backward()
     for name, buf in fused.named_buffers():
         torch.testing.assert_close(buf, dict(plain.named_buffers())[name], atol=1e-7, rtol=1e-6)
     assert fused.spatial_gate.norm.num_batches_tracked.item() == 1
@@ -601,7 +601,7 @@ def test_torch_export_matches_eager(kwargs):
     m = _model(kwargs)
     x = torch.randn(2, 16, 6, 6)
     ep = torch.export.export(m, (x,))
-    assert "_CBAMFunction" not in str(ep.graph)
+    assert "CBAMFunction" not in str(ep.graph)
     y = torch.randn(2, 16, 6, 6)
     torch.testing.assert_close(ep.module()(y), m(y))
 

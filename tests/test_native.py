@@ -15,7 +15,7 @@ import torchvision
 from torch.utils.flop_counter import FlopCounterMode
 
 from cbam_insert import CBAM, CBAMInsertError, insert_cbam, native
-from cbam_insert import modules as M
+from cbam_insert.fast import kernel as K
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,17 +34,17 @@ def calls(kernel, monkeypatch):
         seen.append(tuple(x.shape))
         return kernel.cbam_forward(x, *args)
 
-    monkeypatch.setattr(M, "_native_forward", counting)
+    monkeypatch.setattr(K, "_forward", counting)
     return seen
 
 
 def _pytorch_path(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    saved = M._native_forward
-    M._native_forward = None
+    saved = K._forward
+    K._forward = None
     try:
         return module(x)
     finally:
-        M._native_forward = saved
+        K._forward = saved
 
 
 def _both_paths(module: torch.nn.Module, x: torch.Tensor, threads: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,7 +215,7 @@ def test_kernel_is_not_used_under_tracing_and_export(calls):
 
 
 def test_enable_and_disable(kernel):
-    saved = M._native_forward
+    saved = K._forward
     try:
         native.disable()
         assert not native.is_enabled()
@@ -224,11 +224,11 @@ def test_enable_and_disable(kernel):
         native.disable()
         assert not native.is_enabled()
     finally:
-        M._native_forward = saved
+        K._forward = saved
 
 
 def test_enable_without_a_compiler_is_one_clear_error(monkeypatch):
-    monkeypatch.setattr(native, "_extension", None)
+    monkeypatch.setattr(K, "_extension", None)
     monkeypatch.setenv("CXX", "/nonexistent/c++")
     with pytest.raises(CBAMInsertError, match=r"^cannot build .*no C\+\+ compiler '/nonexistent/c\+\+'") as info:
         native.enable()
@@ -241,7 +241,7 @@ def test_enable_without_ninja_says_how_to_get_it(monkeypatch):
     def missing():
         raise RuntimeError("Ninja is required to load C++ extensions")
 
-    monkeypatch.setattr(native, "_extension", None)
+    monkeypatch.setattr(K, "_extension", None)
     monkeypatch.setattr(cpp_extension, "verify_ninja_availability", missing)
     with pytest.raises(CBAMInsertError, match=r"ninja is not installed \(pip install ninja\)"):
         native.enable()
@@ -250,8 +250,8 @@ def test_enable_without_ninja_says_how_to_get_it(monkeypatch):
 def test_a_failed_compilation_is_reported_in_one_line(monkeypatch, tmp_path):
     source = tmp_path / "cbam_cpu.cpp"
     source.write_text('#error "broken on purpose"\n')
-    monkeypatch.setattr(native, "_extension", None)
-    monkeypatch.setattr(native, "_SOURCE", source)
+    monkeypatch.setattr(K, "_extension", None)
+    monkeypatch.setattr(K, "_SOURCE", source)
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
     with pytest.raises(CBAMInsertError, match=r"^cannot build cbam-insert's native CPU kernel: .*broken on purpose"):
         native.build()
