@@ -11,8 +11,9 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree wi
 
 from .api import PatchReport, apply_recipe, find_sites, insert_cbam
 from .errors import CBAMInsertError
-from .io import load_model, save_model
+from .load import load_model
 from .modules import CBAM, ChannelAttention, SpatialAttention
+from .save import save_model
 from .sites import Site
 
 __all__ = [

@@ -15,11 +15,13 @@ Example::
     'layer1.0.cbam_add'
 
 The report of what was done is attached to the result as ``patched.cbam_report`` (a
-``PatchReport``), and the recipe that repeats the patch as ``patched.cbam_recipe`` (a dict).
+``PatchReport``), and the recipe that repeats the patch as ``patched.cbam_recipe`` (a JSON dict;
+``cbam_insert.recipe.Recipe.from_json`` reads it as a typed object).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 from collections.abc import Sequence
@@ -31,17 +33,18 @@ from torch import nn
 
 from . import __version__
 from .errors import CBAMInsertError
+from .meta import meta_copy
 from .modules import CBAM
+from .recipe import Recipe, SelectionSpec, Step, describe_inputs, make_inputs
 from .sites import PLACEMENTS, Selection, Site, find_unit_sites, select_sites
 from .splice import set_submodule, splice_unit
 from .trace import TraceResult, infer_example_inputs, trace_units
 
-__all__ = ["CBAM_OPTIONS", "PatchReport", "apply_recipe", "describe_inputs", "find_sites", "insert_cbam", "make_inputs"]
+__all__ = ["CBAM_OPTIONS", "NoSiteError", "PatchReport", "apply_recipe", "find_sites", "insert_cbam"]
 
 CBAM_OPTIONS = tuple(
     p for p in inspect.signature(CBAM.__init__).parameters if p not in ("self", "channels", "dims", "reuse_input")
 )
-RECIPE_FORMAT = "cbam-insert/recipe"
 
 
 @dataclass
@@ -150,9 +153,19 @@ def find_sites(
     return sites
 
 
-def _no_site_error(model: nn.Module, after: str, sites: list[Site], inputs: tuple[Any, ...], sel: Selection) -> CBAMInsertError:
+class NoSiteError(CBAMInsertError):
+    """No selected site: the message says why; ``sites`` holds every site found (all skipped) and
+    ``untraced`` the parts that could not be traced, so a dry run can show them without tracing again."""
+
+    def __init__(self, message: str, sites: list[Site], untraced: list[tuple[str, str]]) -> None:
+        super().__init__(message)
+        self.sites = sites
+        self.untraced = untraced
+
+
+def _no_site_error(model: nn.Module, after: str, sites: list[Site], traced: TraceResult, sel: Selection) -> NoSiteError:
     others = []
-    units = trace_units(model, inputs).units
+    units = traced.units
     for p in PLACEMENTS:
         if p == after:
             continue
@@ -162,7 +175,7 @@ def _no_site_error(model: nn.Module, after: str, sites: list[Site], inputs: tupl
     reasons = sorted({s.reason for s in sites})
     why = f"; skipped: {'; '.join(reasons[:3])}" if reasons else ""
     alt = f"; placements that find sites here: {', '.join(others)}" if others else "; no placement finds a site in this model"
-    return CBAMInsertError(f"no site for after={after!r} in {type(model).__name__}{why}{alt}")
+    return NoSiteError(f"no site for after={after!r} in {type(model).__name__}{why}{alt}", sites, traced.skipped)
 
 
 def insert_cbam(
@@ -179,7 +192,7 @@ def insert_cbam(
     inplace: bool = False,
     allow_repatch: bool = False,
     seed: int | None = None,
-    reuse_inputs: bool = True,
+    reuse_input: bool = True,
     **cbam_options: Any,
 ) -> nn.Module:
     """Return ``model`` with a CBAM module spliced in at every selected site.
@@ -190,7 +203,7 @@ def insert_cbam(
     ``inplace=True``; then untraceable models have their traceable submodules replaced in
     place, and a fully traced model's modules are shared with the result.
 
-    ``reuse_inputs`` (default on): a CBAM whose input tensor is made fresh by the op before it
+    ``reuse_input`` (default on): a CBAM whose input tensor is made fresh by the op before it
     and read by nothing else gets ``reuse_input=True``; in inference it then writes its output
     into that tensor, as ``nn.ReLU(inplace=True)`` does, instead of allocating a new one. A
     forward hook registered later on that op's module sees the tensor after CBAM has scaled it.
@@ -200,8 +213,8 @@ def insert_cbam(
     for anything the caller can fix.
     """
     _check_after(after)
-    if not isinstance(reuse_inputs, bool):
-        raise CBAMInsertError(f"reuse_inputs must be True or False, got {reuse_inputs!r}")
+    if not isinstance(reuse_input, bool):
+        raise CBAMInsertError(f"reuse_input must be True or False, got {reuse_input!r}")
     unknown = sorted(set(cbam_options) - set(CBAM_OPTIONS))
     if unknown:
         raise CBAMInsertError(f"unknown CBAM option(s) {', '.join(unknown)}; valid: {', '.join(CBAM_OPTIONS)}")
@@ -215,15 +228,15 @@ def insert_cbam(
     previous = copy.deepcopy(getattr(model, "cbam_recipe", None))
     base = model.__dict__.get("_cbam_base")
     if base is None:
-        base = structure_copy(model)
+        base = meta_copy(model, keep_non_persistent=True)
     work = model if inplace else copy.deepcopy(model)
     traced, sites = _plan(work, after, inputs, sel)
     if allow_repatch:
         sites = [_allow(s) for s in sites]
     used = [s for s in sites if s.used]
     if not used:
-        raise _no_site_error(work, after, sites, inputs, sel)
-    rng = torch.random.fork_rng(devices=[]) if seed is not None else _nullcontext()
+        raise _no_site_error(work, after, sites, traced, sel)
+    rng = torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()
     with rng:
         if seed is not None:
             torch.manual_seed(seed)
@@ -232,37 +245,30 @@ def insert_cbam(
             cbam = CBAM(site.channels, dims=len(site.shape) - 2, **cbam_options)
             return cbam.to(dtype=getattr(torch, site.dtype) if site.dtype else None)
 
-        result, modules = _splice_all(work, traced, sites, make, reuse_inputs)
+        result, modules = _splice_all(work, traced, sites, make, reuse_input)
     actual = iter(modules)  # the names splicing gave, in site order (``_2`` after a repatch)
     sites = [replace(s, module_name=next(actual)) if s.used else s for s in sites]
     report = PatchReport(after, sites, modules, [u.path or "<model>" for u in traced.units], traced.skipped)
-    step = {
-        "after": after,
-        "selection": {"include": list(sel.include), "exclude": list(sel.exclude), "stages": list(sel.stages) if sel.stages else None,
-                      "every": sel.every, "max_sites": sel.max_sites, "min_channels": sel.min_channels},
-        "cbam": dict(cbam_options),
-        "allow_repatch": allow_repatch,
-        "seed": seed,
-        "reuse_inputs": reuse_inputs,
-        "example_inputs": describe_inputs(inputs),
-        "modules": report.modules,
-    }  # fmt: skip
-    recipe = previous if isinstance(previous, dict) and previous.get("format") == RECIPE_FORMAT else {
-        "format": RECIPE_FORMAT, "version": 1, "cbam_insert": __version__, "steps": []}  # fmt: skip
-    recipe["steps"].append(step)
+    step = Step(
+        after=after,
+        modules=tuple(report.modules),
+        example_inputs=describe_inputs(inputs),
+        selection=SelectionSpec(sel.include, sel.exclude, sel.stages, sel.every, sel.max_sites, sel.min_channels),
+        cbam=dict(cbam_options),
+        allow_repatch=allow_repatch,
+        seed=seed,
+        reuse_input=reuse_input,
+    )
+    try:
+        recipe = Recipe.from_json(previous) if previous is not None else Recipe()
+    except CBAMInsertError:
+        recipe = Recipe()  # not a recipe of ours: this patch starts a new one
+    recipe = recipe.then(step, __version__)
     result.cbam_report = report
-    result.cbam_recipe = recipe
+    result.cbam_recipe = recipe.to_json()
     result.__dict__["_cbam_base"] = base  # not a submodule: kept out of state_dict and .to()
     _match_devices(result)
     return result
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def _allow(site: Site) -> Site:
@@ -272,14 +278,14 @@ def _allow(site: Site) -> Site:
 
 
 def _splice_all(
-    work: nn.Module, traced: TraceResult, sites: list[Site], make: Any, reuse_inputs: bool
+    work: nn.Module, traced: TraceResult, sites: list[Site], make: Any, reuse_input: bool
 ) -> tuple[nn.Module, list[str]]:
     result = work
     names: list[str] = []
     for unit in traced.units:
         if not any(s.used and s.unit == unit.path for s in sites):
             continue
-        new, added = splice_unit(unit, sites, make, reuse_inputs)
+        new, added = splice_unit(unit, sites, make, reuse_input)
         names.extend(added)
         if unit.path == "":
             result = new
@@ -299,83 +305,39 @@ def _match_devices(model: nn.Module) -> None:
             mod.to(device=ref.device)
 
 
-def structure_copy(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` whose parameters and persistent buffers are on the meta device.
-
-    It costs no memory and records the unpatched architecture, so a saved patched model can be
-    rebuilt by replaying its recipe on it (``base.to_empty(...)``, ``apply_recipe``, then
-    ``load_state_dict``). Non-persistent buffers are not in a state dict and are copied as they are.
-    """
-    memo: dict[int, Any] = {}
-    for mod in model.modules():
-        for p in mod._parameters.values():
-            if p is not None:
-                memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
-        for name, b in mod._buffers.items():
-            if b is not None and name not in mod._non_persistent_buffers_set:
-                memo[id(b)] = torch.empty_like(b, device="meta")
-    base = copy.deepcopy(model, memo)
-    base.__dict__.pop("_cbam_base", None)
-    return base
-
-
-def describe_inputs(inputs: Any) -> Any:
-    """A JSON description of example inputs: shapes and dtypes, nested like the inputs."""
-    if isinstance(inputs, torch.Tensor):
-        return {"shape": list(inputs.shape), "dtype": str(inputs.dtype).replace("torch.", "")}
-    if isinstance(inputs, (list, tuple)):
-        return {"list" if isinstance(inputs, list) else "tuple": [describe_inputs(x) for x in inputs]}
-    raise CBAMInsertError(f"example inputs must be tensors, lists and tuples of tensors, got {type(inputs).__name__}")
-
-
-def make_inputs(spec: Any, device: str | torch.device | None = None) -> Any:
-    """Random tensors (seeded, uniform in [0, 1)) matching a ``describe_inputs`` description."""
-    gen = torch.Generator().manual_seed(0)
-
-    def build(s: Any) -> Any:
-        if "shape" in s:
-            return torch.rand(*s["shape"], generator=gen).to(dtype=getattr(torch, s["dtype"]), device=device)
-        if "list" in s:
-            return [build(x) for x in s["list"]]
-        return tuple(build(x) for x in s["tuple"])
-
-    return build(spec)
-
-
-def apply_recipe(model: nn.Module, recipe: dict[str, Any], inplace: bool = False) -> nn.Module:
+def apply_recipe(model: nn.Module, recipe: dict[str, Any] | Recipe, inplace: bool = False) -> nn.Module:
     """Replay a recipe on a freshly built copy of the architecture it was made on.
 
     Same recipe and same architecture give the same module names, so a state dict saved from
     the patched model loads into the result. A recipe that does not fit raises an error that
     names the first module that differs.
     """
-    if not isinstance(recipe, dict) or recipe.get("format") != RECIPE_FORMAT:
-        raise CBAMInsertError("not a cbam-insert recipe (expected a JSON object with format 'cbam-insert/recipe')")
+    parsed = Recipe.from_json(recipe)
     out = model
-    for i, step in enumerate(recipe.get("steps", [])):
-        sel = step.get("selection", {})
+    for i, step in enumerate(parsed.steps):
+        sel = step.selection
         out = insert_cbam(
             out,
-            step["after"],
-            make_inputs(step["example_inputs"]),
-            include=sel.get("include") or None,
-            exclude=sel.get("exclude") or None,
-            stages=tuple(sel["stages"]) if sel.get("stages") else None,
-            every=sel.get("every", 1),
-            max_sites=sel.get("max_sites"),
-            min_channels=sel.get("min_channels", 1),
+            step.after,
+            make_inputs(step.example_inputs),
+            include=sel.include or None,
+            exclude=sel.exclude or None,
+            stages=sel.stages,
+            every=sel.every,
+            max_sites=sel.max_sites,
+            min_channels=sel.min_channels,
             inplace=inplace or i > 0,
-            allow_repatch=step.get("allow_repatch", False),
-            seed=step.get("seed"),
-            reuse_inputs=step.get("reuse_inputs", True),
-            **step.get("cbam", {}),
+            allow_repatch=step.allow_repatch,
+            seed=step.seed,
+            reuse_input=step.reuse_input,
+            **step.cbam,
         )
         got = out.cbam_report.modules
-        if got != step["modules"]:
-            missing = sorted(set(step["modules"]) - set(got)) or sorted(set(got) - set(step["modules"]))
+        if tuple(got) != step.modules:
+            missing = sorted(set(step.modules) - set(got)) or sorted(set(got) - set(step.modules))
             raise CBAMInsertError(
                 f"the recipe does not fit this architecture: module {missing[0] if missing else '?'} differs "
-                f"({len(got)} CBAM modules here, {len(step['modules'])} in the recipe); build the same architecture"
+                f"({len(got)} CBAM modules here, {len(step.modules)} in the recipe); build the same architecture"
             )
-    out.cbam_recipe = recipe
+    out.cbam_recipe = parsed.to_json()
     return out

@@ -10,7 +10,6 @@ with its traceback.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -136,13 +135,6 @@ def _device(text: str) -> Any:
     return device
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return (a.exists() and b.exists() and os.path.samefile(a, b)) or a.resolve() == b.resolve()
-    except OSError:
-        return False
-
-
 @app.command(
     name="cbam-insert",
     epilog="Exit status: 0 done, 1 user error (one line on stderr, nothing written), "
@@ -215,8 +207,8 @@ def main_command(
     )] = None,
     variant: Annotated[str | None, typer.Option(
         "--variant", metavar="NAME", show_default=False,
-        help="seed (bias-free MLP and conv) or official (the authors' code: MLP biases, [max; mean] spatial "
-        "input, BatchNorm after the spatial conv) [default: seed]: --variant official.",
+        help="plain (bias-free MLP and conv) or official (the authors' code: MLP biases, [max; mean] spatial "
+        "input, BatchNorm after the spatial conv) [default: plain]: --variant official.",
     )] = None,
     mlp_bias: Annotated[bool | None, typer.Option(
         "--mlp-bias/--no-mlp-bias", show_default=False, help="Override the variant's choice of MLP biases.",
@@ -381,23 +373,14 @@ def _run(
     stage_range = parse_stages(stages) if stages is not None else None
     dev = _device(device)
 
-    from .io import FORMATS, default_output, load_model, save_model
+    from .formats import default_output
+    from .load import load_model
+    from .save import check_output, save_model
 
-    if fmt is not None and fmt not in FORMATS:
-        raise CBAMInsertError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
     out: Path | None = None
-    if not dry_run:
-        out = output if output is not None else default_output(src, fmt or "pt")
-        src_path = Path(src)
-        if src_path.exists() and _same_file(out, src_path):
-            raise CBAMInsertError(f"output {out} is the input file; choose another -o")
-        if out.is_dir():
-            raise CBAMInsertError(f"output {out} is a directory; give a file name")
-        if out.exists() and not force:
-            raise CBAMInsertError(f"output {out} exists; pass --force to overwrite it")
-        if not out.parent.is_dir():
-            what = "is not a directory" if out.parent.exists() else "does not exist"
-            raise CBAMInsertError(f"output directory {out.parent} {what}")
+    if not dry_run:  # checked before any work, and once more by save_model
+        out, fmt = check_output(output if output is not None else default_output(src, fmt or "pt"), fmt,
+                                force=force, source=src)  # fmt: skip
 
     selection: dict[str, Any] = {
         "include": include or None, "exclude": exclude or None, "stages": stage_range, "every": every,
@@ -408,7 +391,8 @@ def _run(
     with _progress(not quiet and stdout_tty and sys.stderr.isatty()) as step:
         import torch
 
-        from .api import PatchReport, describe_inputs, find_sites, insert_cbam, make_inputs
+        from .api import NoSiteError, PatchReport, insert_cbam
+        from .recipe import Recipe, describe_inputs, make_inputs
         from .report import benchmark, cost_report, render_bench, render_report, report_dict
 
         with step(f"loading {src}"), torch.random.fork_rng(devices=[]):
@@ -424,21 +408,20 @@ def _run(
             try:
                 patched = insert_cbam(
                     model, after=after, example_inputs=inputs, allow_repatch=repatch, seed=seed,
-                    reuse_inputs=reuse_input, **selection, **cbam
+                    reuse_input=reuse_input, **selection, **cbam
                 )
                 report = patched.cbam_report
+            except NoSiteError as exc:
+                if not dry_run:
+                    raise
+                report, why_none = PatchReport(after, exc.sites, [], [], exc.untraced), _one_line(exc)
             except CBAMInsertError as exc:
                 hint = _input_shape_problem(model, shape) if shape is not None else None
                 if hint is not None:
                     raise CBAMInsertError(f"--input-shape {input_shape}: {hint}") from exc
-                if not dry_run:
-                    raise
-                sites = find_sites(model, after, inputs, **selection)
-                if any(s.used for s in sites):
-                    raise
-                report, why_none = PatchReport(after, sites, [], [], []), _one_line(exc)
+                raise
         if patched is not None:
-            spec = patched.cbam_recipe["steps"][-1]["example_inputs"]
+            spec = Recipe.from_json(patched.cbam_recipe).example_inputs
             example = make_inputs(spec, device=dev)
             with step("counting parameters and FLOPs"):
                 cost = cost_report(model, patched, example, modules=report.modules)

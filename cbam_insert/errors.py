@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-__all__ = ["CBAMInsertError"]
+import importlib.util
+import re
+
+__all__ = ["CBAMInsertError", "first_line", "require"]
 
 
 class CBAMInsertError(Exception):
@@ -10,3 +13,17 @@ class CBAMInsertError(Exception):
 
     The CLI prints the message as one line on stderr and exits with status 1.
     """
+
+
+def first_line(exc: BaseException) -> str:
+    """The line of an exception's message that says what went wrong, without terminal escapes."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    _, marker, reason = text.partition("WeightsUnpickler error:")  # torch.load's long weights-only message
+    lines = (reason.split(". Please use")[0] if marker else text).strip().splitlines()
+    return lines[0].strip() if lines else type(exc).__name__
+
+
+def require(module: str, purpose: str) -> None:
+    """Raise a one-line error naming the extra to install when an optional package is missing."""
+    if importlib.util.find_spec(module) is None:
+        raise CBAMInsertError(f"{purpose} needs the {module} package: pip install 'cbam-insert[export]'")

@@ -24,7 +24,6 @@ Example::
 
 from __future__ import annotations
 
-import copy
 import math
 import statistics
 import time
@@ -37,6 +36,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .meta import meta_copy, to_meta
 from .modules import CBAM
 from .trace import _keep_image_size
 
@@ -114,32 +114,9 @@ def count_macs(
 def _count_on_meta(model: nn.Module, example_inputs: tuple[Any, ...]) -> tuple[int, dict[str, int]] | None:
     """``_count`` on a meta copy, or None when the forward needs real values."""
     try:
-        return _count(_meta_copy(model), _to_meta(example_inputs))
+        return _count(meta_copy(model), to_meta(example_inputs))
     except Exception:  # noqa: BLE001 - whatever the meta device cannot run is counted for real
         return None
-
-
-def _to_meta(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to("meta")
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to_meta(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _to_meta(v) for k, v in value.items()}
-    return value
-
-
-def _meta_copy(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` whose parameters and buffers are empty meta tensors."""
-    memo: dict[int, Any] = {}
-    for mod in model.modules():
-        for p in mod._parameters.values():
-            if p is not None:
-                memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
-        for b in mod._buffers.values():
-            if b is not None:
-                memo[id(b)] = torch.empty_like(b, device="meta")
-    return copy.deepcopy(model, memo)
 
 
 def _count(model: nn.Module, example_inputs: tuple[Any, ...]) -> tuple[int, dict[str, int]]:

@@ -29,7 +29,7 @@ import heapq
 import operator
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .modules import CBAM
-from .trace import TensorInfo, Unit, is_add, node_key
+from .trace import FROZEN_NORMS, TensorInfo, Unit, is_add, node_key
 
 __all__ = ["PLACEMENTS", "Site", "cbam_module_name", "find_unit_sites", "select_sites"]
 
@@ -133,15 +133,6 @@ _SHAPE_LOST_METHODS = {"view", "reshape", "flatten", "unflatten", "view_as", "re
 _SHAPE_LOST_FUNCS = {torch.reshape, torch.flatten, torch.unflatten, torch.stack}
 
 
-def _frozen_bn_types() -> tuple[type, ...]:
-    try:
-        from torchvision.ops.misc import FrozenBatchNorm2d
-
-        return (FrozenBatchNorm2d,)
-    except ImportError:  # pragma: no cover
-        return ()
-
-
 def _tensor_info(node: Any) -> TensorInfo | None:
     if isinstance(node, fx.Node):
         info = node.meta.get("cbam_info")
@@ -200,7 +191,7 @@ class _Analysis:
         first = inputs[0] if inputs else None
         src_axis = self.axis.get(first) if first is not None else None
         if mod is not None:
-            if isinstance(mod, _AXIS1_MODULES + _frozen_bn_types()):
+            if isinstance(mod, _AXIS1_MODULES + FROZEN_NORMS):
                 return 1, ""
             if isinstance(mod, _LAST_AXIS_MODULES):
                 return -1, "a last-axis layer (linear / layer norm) defines the feature axis"
@@ -413,7 +404,7 @@ def _is_conv(a: _Analysis, n: fx.Node) -> bool:
 def _is_norm(a: _Analysis, n: fx.Node) -> bool:
     mod = a.module_of(n)
     if mod is not None:
-        return isinstance(mod, _NORM_MODULES + _frozen_bn_types())
+        return isinstance(mod, _NORM_MODULES + FROZEN_NORMS)
     return n.op == "call_function" and n.target in _NORM_FUNCS
 
 
@@ -729,7 +720,6 @@ class Selection:
     every: int = 1
     max_sites: int | None = None
     min_channels: int = 1
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def select_sites(sites: Iterable[Site], sel: Selection) -> list[Site]:

@@ -55,11 +55,11 @@ def _free_name(root: nn.Module, name: str) -> str:
 
 
 def splice_unit(
-    unit: Unit, sites: Sequence[Site], make: Callable[[Site], CBAM], reuse_inputs: bool = True
+    unit: Unit, sites: Sequence[Site], make: Callable[[Site], CBAM], reuse_input: bool = True
 ) -> tuple[nn.Module, list[str]]:
     """Insert ``make(site)`` after each used site of ``unit``; return the unit's new module and
     the qualified names the CBAM modules got (``_2``, ``_3`` … when a name was taken).
-    With ``reuse_inputs``, modules whose input tensor nothing else reads get ``reuse_input=True``.
+    With ``reuse_input``, modules whose input tensor nothing else reads get ``reuse_input=True``.
 
     The returned module is a ``GraphModule`` (or a ``ModeGraphModule`` when train and eval
     graphs differ) whose submodules are the unit's own, plus the new CBAM modules.
@@ -86,7 +86,7 @@ def splice_unit(
             raise CBAMInsertError(f"internal: site {site.name} not found in its graph")
     for graph in unit.graphs.values():
         graph.lint()
-    if reuse_inputs:
+    if reuse_input:
         calls = [_module_calls(graph, set(made)) for graph in unit.graphs.values()]
         for name, cbam in made.items():
             cbam.reuse_input = all(_reusable(c.get(name, []), root) for c in calls)

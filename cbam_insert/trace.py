@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 from torch.fx.graph_module import _copy_attr
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from .errors import CBAMInsertError
 from .modules import CBAM
@@ -41,15 +42,12 @@ __all__ = [
 ]
 
 
-def _extra_leaf_types() -> tuple[type, ...]:
-    leaves: list[type] = [CBAM]
-    try:
-        from torchvision.ops.misc import FrozenBatchNorm2d
+FROZEN_NORMS: tuple[type, ...] = (FrozenBatchNorm2d,)
+"""Norms outside torch.nn that act on the channel axis (torchvision's detection backbones use them)."""
 
-        leaves.append(FrozenBatchNorm2d)
-    except ImportError:  # pragma: no cover - torchvision is a dependency
-        pass
-    return tuple(leaves)
+
+def _extra_leaf_types() -> tuple[type, ...]:
+    return (CBAM, *FROZEN_NORMS)
 
 
 class CBAMTracer(fx.Tracer):
@@ -255,10 +253,6 @@ class Unit:
 class TraceResult:
     units: list[Unit]
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (module path, reason)
-
-    @property
-    def partial(self) -> bool:
-        return any(u.path == "" for u in self.units) is False
 
 
 def _with_mode(module: nn.Module, training: bool, fn: Callable[[], Any]) -> Any:
@@ -475,11 +469,6 @@ def infer_example_inputs(model: nn.Module, size: int | None = None) -> tuple[Any
         return (rand(1, c, size or 256),)
     s = size or 224
     return (rand(1, c, s, s),)
-
-
-def model_copy(model: nn.Module) -> nn.Module:
-    """A deep copy whose parameters are new tensors (the input stays untouched)."""
-    return copy.deepcopy(model)
 
 
 def is_add(node: fx.Node) -> bool:

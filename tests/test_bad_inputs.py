@@ -22,9 +22,8 @@ import torchvision
 from torch import nn
 from typer.testing import CliRunner
 
-from cbam_insert import CBAMInsertError, apply_recipe, insert_cbam
+from cbam_insert import CBAMInsertError, apply_recipe, insert_cbam, load_model, save_model
 from cbam_insert.cli import app
-from cbam_insert.io import load_model, save_model
 
 MARKER = "pwned.txt"
 

@@ -15,9 +15,8 @@ import torch
 import torchvision
 from typer.testing import CliRunner
 
-from cbam_insert import CBAM, insert_cbam
+from cbam_insert import CBAM, insert_cbam, load_model
 from cbam_insert.cli import app
-from cbam_insert.io import load_model
 
 SMALL = (torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)),)
 

@@ -384,7 +384,7 @@ def reuse_flags(model):
 def test_sites_whose_tensor_nothing_else_reads_reuse_it_and_give_the_same_output(name, after):
     model = torchvision.models.get_model(name, weights=None).eval()
     patched = insert_cbam(model, after=after)
-    plain = insert_cbam(model, after=after, reuse_inputs=False)
+    plain = insert_cbam(model, after=after, reuse_input=False)
     plain.load_state_dict(patched.state_dict())
     assert all(reuse_flags(patched).values()) and not any(reuse_flags(plain).values())
     x = torch.randn(2, 3, 64, 64)
@@ -392,7 +392,7 @@ def test_sites_whose_tensor_nothing_else_reads_reuse_it_and_give_the_same_output
     with torch.inference_mode():
         torch.testing.assert_close(patched(x), plain(x), atol=0, rtol=0)
     assert torch.equal(x, before)
-    assert patched.cbam_recipe["steps"][0]["reuse_inputs"] is True
+    assert patched.cbam_recipe["steps"][0]["reuse_input"] is True
 
 
 class _Branch(nn.Module):
@@ -434,7 +434,7 @@ def test_reuse_only_where_the_tensor_is_fresh_and_read_once(model, after, reused
     channels = 3 if isinstance(model, nn.Sequential) else 8
     patched = insert_cbam(model, after=after, example_inputs=torch.randn(1, channels, 8, 8))
     assert list(reuse_flags(patched).values()) == [reused]
-    plain = insert_cbam(model, after=after, reuse_inputs=False, example_inputs=torch.randn(1, channels, 8, 8))
+    plain = insert_cbam(model, after=after, reuse_input=False, example_inputs=torch.randn(1, channels, 8, 8))
     plain.load_state_dict(patched.state_dict())
     x = torch.randn(2, channels, 8, 8)
     before = x.clone()
@@ -451,12 +451,12 @@ def test_a_hook_on_the_producing_module_turns_reuse_off():
     assert list(reuse_flags(patched).values()) == [False]
 
 
-def test_reuse_inputs_is_replayed_from_the_recipe_and_checked():
+def test_reuse_input_is_replayed_from_the_recipe_and_checked():
     from cbam_insert import apply_recipe
 
     model = torchvision.models.resnet18()
-    patched = insert_cbam(model, after="block", reuse_inputs=False)
+    patched = insert_cbam(model, after="block", reuse_input=False)
     again = apply_recipe(torchvision.models.resnet18(), patched.cbam_recipe)
     assert not any(reuse_flags(again).values())
-    with pytest.raises(CBAMInsertError, match="reuse_inputs"):
-        insert_cbam(model, after="block", reuse_inputs="yes")
+    with pytest.raises(CBAMInsertError, match="reuse_input"):
+        insert_cbam(model, after="block", reuse_input="yes")

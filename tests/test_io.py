@@ -16,7 +16,7 @@ from torch import nn
 from torchvision import models as tvm
 
 from cbam_insert import CBAMInsertError, insert_cbam, load_model, save_model
-from cbam_insert.io import RECIPE_SUFFIX
+from cbam_insert.formats import RECIPE_SUFFIX
 
 X = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
 

@@ -23,8 +23,7 @@ from _randnets import ConvNeXtBlock, RandNet, ResBlock, spec_strategy
 from hypothesis import HealthCheck, given, settings
 from torch import nn
 
-from cbam_insert import CBAM, CBAMInsertError, apply_recipe, find_sites, insert_cbam
-from cbam_insert.io import load_model, save_model
+from cbam_insert import CBAM, CBAMInsertError, apply_recipe, find_sites, insert_cbam, load_model, save_model
 
 EXAMPLES_PER_PLACEMENT = 70  # x 3 placements: 210 generated architectures per run
 

@@ -18,10 +18,10 @@ optical-flow lists (random weights, small valid inputs) and each placement (``co
 A builder with no site for a placement passes only when that is expected for its family and
 every candidate's skip reason is the expected one (``NO_SITE``). Run::
 
-    python -m cbam_insert.zoo                          # everything, writes docs/zoo.md
-    python -m cbam_insert.zoo --models 'resnet*,vit_b_16' --placements block --output -
-    python -m cbam_insert.zoo --chunk 1/2 --json part1.json --output -
-    python -m cbam_insert.zoo --merge part1.json part2.json --output docs/zoo.md
+    python tools/zoo.py                          # everything, writes docs/zoo.md
+    python tools/zoo.py --models 'resnet*,vit_b_16' --placements block --output -
+    python tools/zoo.py --chunk 1/2 --json part1.json --output -
+    python tools/zoo.py --merge part1.json part2.json --output docs/zoo.md
 """
 
 from __future__ import annotations
@@ -45,17 +45,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from .api import find_sites, insert_cbam
-from .errors import CBAMInsertError
-from .modules import CBAM
-from .report import count_macs, count_params
+from cbam_insert.api import find_sites, insert_cbam
+from cbam_insert.errors import CBAMInsertError
+from cbam_insert.modules import CBAM
+from cbam_insert.report import count_macs, count_params
 
 __all__ = ["NO_SITE", "Row", "builders", "check_classifier_meta", "main", "render_markdown", "run_model"]
 
 PLACEMENTS = ("conv", "block", "stage")
 TASKS = ("classification", "segmentation", "detection", "video", "optical_flow")
 TOLERANCE = 1e-4
-COMMAND = "python -m cbam_insert.zoo"
+COMMAND = "python tools/zoo.py"
 
 # (model glob, placement) -> (regex every skip reason must match, why no site is right).
 # Checked in order; the first match is the expectation.
@@ -305,7 +305,7 @@ def _gates_on(model: nn.Module) -> None:
 
 
 def _pt_roundtrip(model: nn.Module, tmp: Path) -> nn.Module:
-    from .io import load_model, save_model
+    from cbam_insert import load_model, save_model
 
     path = tmp / "model.pt"
     save_model(model, path, format="pt")
@@ -316,7 +316,7 @@ def _pt_roundtrip(model: nn.Module, tmp: Path) -> nn.Module:
 
 def _state_dict_roundtrip(model: nn.Module, spec: Spec, tmp: Path) -> nn.Module:
     """Save weights + recipe (safetensors), load them into a fresh build of the architecture."""
-    from .io import load_model, save_model
+    from cbam_insert import load_model, save_model
 
     path = tmp / "model.safetensors"
     save_model(model, path, format="safetensors")
