@@ -37,6 +37,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .meta import meta_copy, to_meta
+from .modes import in_mode
 from .modules import CBAM
 from .trace import _keep_image_size
 
@@ -120,17 +121,14 @@ def _count_on_meta(model: nn.Module, example_inputs: tuple[Any, ...]) -> tuple[i
 
 
 def _count(model: nn.Module, example_inputs: tuple[Any, ...]) -> tuple[int, dict[str, int]]:
-    was_training = model.training
-    model.eval()
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)  # the fused MHA kernel is invisible to the counter
     try:
         counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS)
-        with counting_conditions(model, example_inputs), counter, torch.no_grad():
+        with in_mode(model, training=False), counting_conditions(model, example_inputs), counter, torch.no_grad():
             model(*example_inputs)
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
-        model.train(was_training)
     per_module = counter.get_flop_counts()
     per_cbam = {}
     for name, key in _tracker_names(model, CBAM).items():
@@ -248,13 +246,9 @@ def cost_report(
     named = dict(patched.named_modules())
     names = list(per_cbam) if modules is None else [n for n in modules if n in named]
     per_module = {n: (count_params(named[n]), per_cbam.get(n, 0)) for n in names}
-    was_training = patched.training
-    patched.eval()  # the conditions of the eval-mode forward that was counted
-    try:
-        with counting_conditions(patched, example_inputs) as held:
-            pass
-    finally:
-        patched.train(was_training)
+    # the conditions of the eval-mode forward that was counted
+    with in_mode(patched, training=False), counting_conditions(patched, example_inputs) as held:
+        pass
     return CostReport(count_params(original), count_params(patched), before, after, per_module, held)
 
 
@@ -351,22 +345,15 @@ def benchmark(
 
     times: dict[int, list[float]] = {0: [], 1: []}
     models = (original, patched)
-    modes = [m.training for m in models]
-    try:
-        for m in models:
-            m.eval()
-        with torch.inference_mode():
-            for m in models:  # warm-up
-                once(m)
-            start = time.perf_counter()
-            for i in range(runs):
-                for k, m in enumerate(models):
-                    times[k].append(once(m))
-                if i >= 2 and time.perf_counter() - start > budget_s:
-                    break
-    finally:
-        for m, mode in zip(models, modes):
-            m.train(mode)
+    with in_mode(*models, training=False), torch.inference_mode():
+        for m in models:  # warm-up
+            once(m)
+        start = time.perf_counter()
+        for i in range(runs):
+            for k, m in enumerate(models):
+                times[k].append(once(m))
+            if i >= 2 and time.perf_counter() - start > budget_s:
+                break
     return BenchResult(times[0], times[1], str(device))
 
 

@@ -21,6 +21,7 @@ from torch import fx, nn
 
 from .errors import CBAMInsertError, first_line, require
 from .formats import EXTENSIONS, FORMATS, ONNX_OPSET, PT_VERSION, RECIPE_KEY, RECIPE_SUFFIX
+from .modes import in_mode
 from .recipe import Recipe, make_inputs
 
 __all__ = ["check_output", "save_model"]
@@ -194,13 +195,8 @@ def _export_inputs(model: nn.Module, example_inputs: Any) -> tuple[Any, ...]:
 
 @contextlib.contextmanager
 def _eval_mode(model: nn.Module) -> Iterator[None]:
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was)
+    with in_mode(model, training=False), torch.no_grad():
+        yield
 
 
 def _write_torchscript(model: nn.Module, path: Path, example_inputs: Any) -> None:

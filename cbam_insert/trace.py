@@ -28,6 +28,7 @@ from torch.fx.graph_module import _copy_attr
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from .errors import CBAMInsertError
+from .modes import in_mode
 from .modules import CBAM
 
 __all__ = [
@@ -209,16 +210,11 @@ def propagate(gm: fx.GraphModule, args: Sequence[Any]) -> None:
     even for the largest models; graphs that fake tensors cannot run (data-dependent shapes)
     fall back to one real run.
     """
-    was_training = gm.training
-    gm.eval()
-    try:
-        with torch.no_grad():
-            try:
-                _fake_run(gm, args)
-            except Exception:  # noqa: BLE001 - any failure: do it for real
-                _Propagate(gm).run(*args)
-    finally:
-        gm.train(was_training)
+    with in_mode(gm, training=False), torch.no_grad():
+        try:
+            _fake_run(gm, args)
+        except Exception:  # noqa: BLE001 - any failure: do it for real
+            _Propagate(gm).run(*args)
 
 
 def _fake_run(gm: fx.GraphModule, args: Sequence[Any]) -> None:
@@ -256,13 +252,8 @@ class TraceResult:
 
 
 def _with_mode(module: nn.Module, training: bool, fn: Callable[[], Any]) -> Any:
-    modes = [(m, m.training) for m in module.modules()]
-    module.train(training)
-    try:
+    with in_mode(module, training=training):
         return fn()
-    finally:
-        for m, mode in modes:
-            m.training = mode
 
 
 def _trace_graphs(module: nn.Module, leaf_types: Sequence[type]) -> dict[str, fx.Graph]:
