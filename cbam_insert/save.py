@@ -63,11 +63,11 @@ def check_output(
     (or follows from the extension), the directory exists, ``path`` is not a directory, not the
     ``source`` file, and (unless ``force``) does not exist. Returns the path and the format."""
     path = Path(path)
+    if path.is_dir():
+        raise CBAMInsertError(f"output {path} is a directory; give a file name")
     fmt = _resolve_format(path, format)
     if source is not None and Path(source).exists() and _same_file(path, Path(source)):
         raise CBAMInsertError(f"output {path} is the input file; choose another -o")
-    if path.is_dir():
-        raise CBAMInsertError(f"output {path} is a directory; give a file name")
     if not path.parent.is_dir():
         what = "is not a directory" if path.parent.exists() else "does not exist"
         raise CBAMInsertError(f"output directory {path.parent} {what}")
@@ -86,7 +86,7 @@ def _same_file(a: Path, b: Path) -> bool:
 def _resolve_format(path: Path, fmt: str | None) -> str:
     if fmt is not None:
         if fmt not in FORMATS:
-            raise CBAMInsertError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+            raise CBAMInsertError(f"unknown format: --format {fmt!r}; choose one of {', '.join(FORMATS)}")
         return fmt
     guess = EXTENSIONS.get(path.suffix.lower())
     if guess is None:
