@@ -1,9 +1,9 @@
-"""Whole-model latency of CBAM: the bare model, the seed's CBAM and this project's CBAM.
+"""Whole-model latency of CBAM: the bare model, the reference CBAM and this project's CBAM.
 
 torchvision ResNet-50 and MobileNet-V2 (random weights) get CBAM on every ``block`` site. The
 same patched model is run twice: with this project's ``CBAM`` modules, and with each of them
-replaced by ``SeedCBAM`` (the seed's formulation, written here from DESIGN §1, the same weights
-copied in). The three models are timed interleaved, in eval mode under
+replaced by ``ReferenceCBAM`` (``benchmarks/_reference.py``: the straightforward formulation of the
+paper's equations, the same weights copied in). The three models are timed interleaved, in eval mode under
 ``torch.inference_mode()``; each round times one forward of each model in a rotating order.
 
 Reported per configuration:
@@ -11,7 +11,7 @@ Reported per configuration:
 * median forward latency of each model (ms),
 * added latency of each CBAM (patched − bare): the median over rounds of the paired difference
   with the bare model's forward of the same round (drift cancels),
-* ratio = project's added latency / seed's added latency (the target is ≤ 0.5 on ResNet-50),
+* ratio = project's added latency / reference CBAM's added latency,
 * on CPU, the median minor page faults of one forward of each model (printed, and in ``--json``):
   the part of the spread between runs that glibc returning freed memory to the kernel causes.
 
@@ -42,76 +42,23 @@ import torch
 import torchvision
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+
+from _reference import ReferenceCBAM
 
 from cbam_insert import CBAM, CBAMInsertError, insert_cbam, native
 
 
-class SeedChannelAttention(nn.Module):
-    """The seed's channel gate: adaptive avg/max pools, a bias-free 1×1-conv MLP called per descriptor."""
-
-    def __init__(self, channels: int, reduction: int = 16) -> None:
-        super().__init__()
-        hidden = max(1, channels // reduction)
-        self.avg_pool = nn.AdaptiveAvgPool2d(1)
-        self.max_pool = nn.AdaptiveMaxPool2d(1)
-        self.mlp = nn.Sequential(
-            nn.Conv2d(channels, hidden, 1, bias=False), nn.ReLU(), nn.Conv2d(hidden, channels, 1, bias=False)
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.mlp(self.avg_pool(x)) + self.mlp(self.max_pool(x)))
-
-
-class SeedSpatialAttention(nn.Module):
-    """The seed's spatial gate: mean and max over channels, concatenated, a bias-free k×k conv."""
-
-    def __init__(self, kernel_size: int = 7) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mean = torch.mean(x, dim=1, keepdim=True)
-        mx, _ = torch.max(x, dim=1, keepdim=True)
-        return torch.sigmoid(self.conv(torch.cat([mean, mx], dim=1)))
-
-
-class SeedCBAM(nn.Module):
-    """The seed's CBAM, channel then spatial: ``F' = Mc(F) * F``, ``F'' = Ms(F') * F'``."""
-
-    def __init__(self, channels: int, reduction: int = 16, kernel_size: int = 7) -> None:
-        super().__init__()
-        self.channel = SeedChannelAttention(channels, reduction)
-        self.spatial = SeedSpatialAttention(kernel_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x * self.channel(x)
-        return x * self.spatial(x)
-
-    @classmethod
-    def like(cls, cbam: CBAM) -> SeedCBAM:
-        """A SeedCBAM with the weights of a seed-variant ``CBAM`` (2-D, default options)."""
-        cg, sg = cbam.channel_gate, cbam.spatial_gate
-        seed = cls(cbam.channels, kernel_size=sg.kernel_size)
-        p = next(cbam.parameters())
-        seed.to(device=p.device, dtype=p.dtype)
-        with torch.no_grad():
-            seed.channel.mlp[0].weight.copy_(cg.fc1.weight[:, :, None, None])
-            seed.channel.mlp[2].weight.copy_(cg.fc2.weight[:, :, None, None])
-            seed.spatial.conv.weight.copy_(sg.conv.weight)
-        return seed
-
-
 def build(name: str) -> tuple[nn.Module, nn.Module, nn.Module]:
-    """(bare, project CBAM, seed CBAM) models in eval mode, CBAM on every ``block`` site."""
+    """(bare, project CBAM, reference CBAM) models in eval mode, CBAM on every ``block`` site."""
     torch.manual_seed(0)
     bare = torchvision.models.get_model(name, weights=None).eval()
     project = insert_cbam(bare, after="block", seed=0).eval()
-    seed = copy.deepcopy(project)
-    for mod_name, mod in list(seed.named_modules()):
+    reference = copy.deepcopy(project)
+    for mod_name, mod in list(reference.named_modules()):
         if isinstance(mod, CBAM):
-            seed.set_submodule(mod_name, SeedCBAM.like(mod))
-    return bare, project, seed.eval()
+            reference.set_submodule(mod_name, ReferenceCBAM.like(mod))
+    return bare, project, reference.eval()
 
 
 @contextmanager
@@ -192,13 +139,13 @@ def measure(
 def summarise(times: dict[str, list[float]], faults: dict[str, list[int]] | None = None) -> dict[str, float]:
     bare = times["bare"]
     out = {f"{k}_ms": statistics.median(v) for k, v in times.items()}
-    for k in ("seed", "project", "native"):
+    for k in ("reference", "project", "native"):
         if k in times:
             out[f"{k}_added_ms"] = statistics.median(t - b for t, b in zip(times[k], bare))
     for k, key in (("project", "ratio"), ("native", "native_ratio")):
         if k in times:
-            seed = out["seed_added_ms"]
-            out[key] = out[f"{k}_added_ms"] / seed if seed > 0 else float("nan")
+            ref = out["reference_added_ms"]
+            out[key] = out[f"{k}_added_ms"] / ref if ref > 0 else float("nan")
     for k, v in (faults or {}).items():
         out[f"{k}_faults"] = statistics.median(v)
     return out
@@ -213,8 +160,8 @@ def bench(args: argparse.Namespace) -> list[dict]:
     dtype = getattr(torch, args.dtype)
     rows: list[dict] = []
     for name in args.models:
-        bare, project, seed = build(name)
-        models = {"bare": bare, "seed": seed, "project": project}
+        bare, project, reference = build(name)
+        models = {"bare": bare, "reference": reference, "project": project}
         for layout in args.layouts:
             fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
             for m in models.values():
@@ -250,8 +197,8 @@ def run_config(models: dict[str, nn.Module], x: torch.Tensor, mode: str, args: a
         else:
             runners = models
         outs = {k: m(x) for k, m in runners.items()}
-        # the seed and project CBAM have the same weights: the patched outputs must agree
-        extra["seed_vs_project_maxdiff"] = max_abs_diff(outs["seed"], outs["project"])
+        # the reference and project CBAM have the same weights: the patched outputs must agree
+        extra["reference_vs_project_maxdiff"] = max_abs_diff(outs["reference"], outs["project"])
         for k, m in runners.items():
             fns[k] = lambda m=m: m(x)
         if args.native and mode == "eager" and device.type == "cpu":
@@ -280,12 +227,12 @@ def print_row(row: dict) -> None:
         print(f"{head} skipped: {row['skipped']}", flush=True)
         return
     print(
-        f"{head} bare {row['bare_ms']:8.2f} ms | seed {row['seed_ms']:8.2f} (+{row['seed_added_ms']:7.2f}) | "
+        f"{head} bare {row['bare_ms']:8.2f} ms | reference {row['reference_ms']:8.2f} (+{row['reference_added_ms']:7.2f}) | "
         f"project {row['project_ms']:8.2f} (+{row['project_added_ms']:7.2f}) | ratio {row['ratio']:.2f}"
         + (f" | native {row['native_ms']:8.2f} (+{row['native_added_ms']:7.2f}) ratio {row['native_ratio']:.2f}"
            if "native_ms" in row else "")
         + (f" | compile {row['compile_s']} s" if "compile_s" in row else "")
-        + (f" | page faults/fwd {row['bare_faults']:.0f} / {row['seed_faults']:.0f} / {row['project_faults']:.0f}"
+        + (f" | page faults/fwd {row['bare_faults']:.0f} / {row['reference_faults']:.0f} / {row['project_faults']:.0f}"
            if row.get("device", "cpu") == "cpu" and "bare_faults" in row else ""),
         flush=True,
     )
@@ -294,7 +241,7 @@ def print_row(row: dict) -> None:
 def markdown(rows: list[dict]) -> str:
     lines = [
         (
-            "| model | batch | layout | mode | bare ms | seed CBAM ms (added) | project CBAM ms (added) | ratio "
+            "| model | batch | layout | mode | bare ms | reference CBAM ms (added) | project CBAM ms (added) | ratio "
             "| native kernel ms (added) | ratio |"
         ),
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -307,7 +254,7 @@ def markdown(rows: list[dict]) -> str:
             continue
         lines.append(
             f"| {r['model']} | {r['batch']} | {r['layout']} | {r['mode']} | {r['bare_ms']:.2f} | "
-            f"{r['seed_ms']:.2f} (+{r['seed_added_ms']:.2f}) | {r['project_ms']:.2f} (+{r['project_added_ms']:.2f}) | "
+            f"{r['reference_ms']:.2f} (+{r['reference_added_ms']:.2f}) | {r['project_ms']:.2f} (+{r['project_added_ms']:.2f}) | "
             f"{r['ratio']:.2f} | "
             + (f"{r['native_ms']:.2f} (+{r['native_added_ms']:.2f}) | {r['native_ratio']:.2f} |"
                if "native_ms" in r else "| |")
@@ -319,7 +266,7 @@ def profile(args: argparse.Namespace) -> None:
     """Per-op cost of the CBAM modules alone, run on the feature maps they see inside the model.
 
     One forward of the patched model records each CBAM's input; each module (project's, and the
-    seed's with the same weights) then runs on its own input under ``torch.profiler`` and the
+    reference CBAM with the same weights) then runs on its own input under ``torch.profiler`` and the
     ops are summed over all sites.
     """
     from torch.profiler import ProfilerActivity
@@ -346,7 +293,7 @@ def profile(args: argparse.Namespace) -> None:
                     h.remove()
                 for label, mods in (
                     ("project", [m for m, _ in inputs]),
-                    ("seed", [SeedCBAM.like(m) for m, _ in inputs]),
+                    ("reference", [ReferenceCBAM.like(m) for m, _ in inputs]),
                 ):
                     with torch.inference_mode():
                         for m, (_, t) in zip(mods, inputs):

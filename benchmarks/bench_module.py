@@ -1,8 +1,8 @@
-"""Time and measure cbam_insert.CBAM against the seed's formulation and timm's CbamModule.
+"""Time and measure cbam_insert.CBAM against the reference CBAM and timm's CbamModule.
 
 Run from the repository root::
 
-    python benchmarks/bench_module.py            # full run, the shapes of issue 3
+    python benchmarks/bench_module.py            # full run: four ResNet-50-like shapes
     python benchmarks/bench_module.py --quick    # a few seconds: tiny shapes, 2 repetitions
 
 What is measured, per shape (N, C, H, W), on the CPU (or ``--device cuda``, ``--dtype bfloat16``):
@@ -22,13 +22,13 @@ an order shuffled each round, so drifting machine load and the allocator state o
 behind hit all of them alike). With one intra-op thread (the default)
 the clock is the benchmark thread's CPU time, which other processes on a shared machine do not
 inflate; with more threads it is wall time; on a GPU it is wall time with the device synchronised
-before and after each call. Ratios are to the seed.
+before and after each call. Ratios are to the reference CBAM.
 
-The seed's formulation is written here from DESIGN.md section 1: AdaptiveAvgPool2d and
-AdaptiveMaxPool2d, two bias-free 1x1 convolutions applied to each descriptor separately,
-``torch.mean`` / ``torch.max`` over channels, ``torch.cat``, a bias-free k x k convolution and
-sigmoids. It gets the same weights as the cbam_insert module, and the two outputs are checked
-to agree before timing.
+The reference CBAM (``benchmarks/_reference.py``) is the straightforward formulation of the
+paper's equations: AdaptiveAvgPool2d and AdaptiveMaxPool2d, two bias-free 1x1 convolutions
+applied to each descriptor separately, ``torch.mean`` / ``torch.max`` over channels,
+``torch.cat``, a bias-free k x k convolution and sigmoids. It gets the same weights as the
+cbam_insert module, and the two outputs are checked to agree before timing.
 """
 
 from __future__ import annotations
@@ -44,52 +44,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+
+from _reference import ReferenceCBAM
 
 from cbam_insert import CBAM, CBAMInsertError, native
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FULL_SHAPES = [(8, 256, 56, 56), (8, 512, 28, 28), (8, 2048, 7, 7), (1, 256, 56, 56)]
 QUICK_SHAPES = [(2, 64, 14, 14), (2, 128, 7, 7)]
-
-
-class SeedCBAM(nn.Module):
-    """The seed's CBAM, op for op as DESIGN.md section 1 describes it."""
-
-    def __init__(self, channels: int, reduction: int = 16, kernel_size: int = 7) -> None:
-        super().__init__()
-        hidden = max(1, channels // reduction)
-        self.avg_pool = nn.AdaptiveAvgPool2d(1)
-        self.max_pool = nn.AdaptiveMaxPool2d(1)
-        self.fc1 = nn.Conv2d(channels, hidden, 1, bias=False)
-        self.fc2 = nn.Conv2d(hidden, channels, 1, bias=False)
-        self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
-
-    def mlp(self, v: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.relu(self.fc1(v)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x * torch.sigmoid(self.mlp(self.avg_pool(x)) + self.mlp(self.max_pool(x)))
-        mean = torch.mean(x, dim=1, keepdim=True)
-        mx, _ = torch.max(x, dim=1, keepdim=True)
-        return x * torch.sigmoid(self.conv(torch.cat([mean, mx], dim=1)))
-
-
-def seed_from(module: CBAM) -> SeedCBAM:
-    """A seed module with the same weights as ``module`` (a default ``CBAM(C)``)."""
-    cg, sg = module.channel_gate, module.spatial_gate
-    assert cg is not None and sg is not None
-    seed = SeedCBAM(module.channels, kernel_size=sg.kernel_size)
-    with torch.no_grad():
-        seed.fc1.weight.copy_(cg.fc1.weight[:, :, None, None])
-        seed.fc2.weight.copy_(cg.fc2.weight[:, :, None, None])
-        seed.conv.weight.copy_(sg.conv.weight)
-    return seed
 
 
 def timm_cbam(channels: int) -> nn.Module | None:
@@ -214,7 +181,7 @@ def bench_shape(
     torch.manual_seed(0)
     channels = shape[1]
     ours = CBAM(channels)
-    impls: dict[str, nn.Module] = {"seed": seed_from(ours), "cbam_insert": ours}
+    impls: dict[str, nn.Module] = {"reference": ReferenceCBAM.like(ours), "cbam_insert": ours}
     timm = timm_cbam(channels) if use_timm else None
     if timm is not None:
         impls["timm"] = timm
@@ -223,12 +190,12 @@ def bench_shape(
     x = torch.randn(shape, device=device, dtype=dtype)
     grad = torch.randn(shape, device=device, dtype=dtype)
     with torch.no_grad():
-        want = impls["seed"].eval()(x).float()
+        want = impls["reference"].eval()(x).float()
         diff = (want - ours.eval()(x).float()).abs().max().item()
     # float32: the same maths to rounding; 16-bit types round each intermediate to 8 or 11 bits
     tolerance = 1e-5 if dtype in (torch.float32, torch.float64) else 0.05 * max(1.0, want.abs().max().item())
     if diff > tolerance:
-        raise RuntimeError(f"cbam_insert and the seed disagree on {shape}: max |diff| = {diff:g}")
+        raise RuntimeError(f"cbam_insert and the reference CBAM disagree on {shape}: max |diff| = {diff:g}")
 
     for m in impls.values():
         m.eval()
@@ -264,18 +231,18 @@ class OnNative(nn.Module):
 
 
 def render(results: dict[tuple[int, ...], dict[str, dict[str, float]]], markdown: bool) -> str:
-    header = ["shape", "module", "fwd ms", "fwd / seed", "fwd+bwd ms", "fwd+bwd / seed", "peak MB", "saved MB"]
+    header = ["shape", "module", "fwd ms", "fwd / ref", "fwd+bwd ms", "fwd+bwd / ref", "peak MB", "saved MB"]
     rows = []
     for shape, res in results.items():
-        seed = res["seed"]
+        ref = res["reference"]
         for name, r in res.items():
             if "fb" not in r:  # forward only (the native kernel)
-                rows.append(["x".join(map(str, shape)), name, f"{r['fwd']:.2f}", f"{r['fwd'] / seed['fwd']:.2f}",
+                rows.append(["x".join(map(str, shape)), name, f"{r['fwd']:.2f}", f"{r['fwd'] / ref['fwd']:.2f}",
                              "-", "-", "-", "-"])  # fmt: skip
                 continue
             rows.append([
-                "x".join(map(str, shape)), name, f"{r['fwd']:.2f}", f"{r['fwd'] / seed['fwd']:.2f}",
-                f"{r['fb']:.2f}", f"{r['fb'] / seed['fb']:.2f}", f"{r['peak']:.1f}", f"{r['saved']:.1f}",
+                "x".join(map(str, shape)), name, f"{r['fwd']:.2f}", f"{r['fwd'] / ref['fwd']:.2f}",
+                f"{r['fb']:.2f}", f"{r['fb'] / ref['fb']:.2f}", f"{r['peak']:.1f}", f"{r['saved']:.1f}",
             ])  # fmt: skip
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -302,7 +269,10 @@ def main(argv: list[str] | None = None) -> dict[tuple[int, ...], dict[str, dict[
         "--reps", type=int, default=None, help="repetitions per measurement (default 25, 2 with --quick)"
     )
     parser.add_argument(
-        "--shape", type=parse_shape, action="append", help="N,C,H,W; repeat for several (default: issue 3's four)"
+        "--shape",
+        type=parse_shape,
+        action="append",
+        help="N,C,H,W; repeat for several (default: 8,256,56,56 8,512,28,28 8,2048,7,7 1,256,56,56)",
     )
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
     parser.add_argument("--no-timm", action="store_true", help="leave timm's CbamModule out even when it is installed")

@@ -1,4 +1,4 @@
-"""How long the graph pass takes on torchvision's largest classifier (issue 4: under a minute).
+"""How long the graph pass takes on torchvision's largest classifier.
 
     python benchmarks/bench_scale.py [--model regnet_y_128gf] [--after block]
 

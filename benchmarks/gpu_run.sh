@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# CUDA numbers for the README, as one short run on a lent GPU machine (fp32 and bf16).
+# CUDA numbers for docs/performance.md, as one short run on a GPU machine (fp32 and bf16).
 #
 #   OUT=/tmp/gpu bash benchmarks/gpu_run.sh            # on the GPU machine, from the repo root
 #   OUT=/tmp/gpu DEVICE=cpu QUICK=1 bash benchmarks/gpu_run.sh   # rehearse the script's logic on a CPU

@@ -19,16 +19,16 @@ def test_quick_benchmark_times_and_measures_every_implementation(capsys):
     bench = _load()
     results = bench.main(["--quick", "--reps", "1", "--shape", "2,32,8,8", "--markdown"])
     out = capsys.readouterr().out
-    assert "| 2x32x8x8 | seed |" in out and "| 2x32x8x8 | cbam_insert |" in out
+    assert "| 2x32x8x8 | reference |" in out and "| 2x32x8x8 | cbam_insert |" in out
     rows = results[(2, 32, 8, 8)]
-    assert {"seed", "cbam_insert"} <= set(rows)
+    assert {"reference", "cbam_insert"} <= set(rows)
     for row in rows.values():
         assert row["fwd"] > 0 and row["fb"] > 0 and row["peak"] > 0
-    # the fused module keeps less for backward than the seed's F' (2*32*8*8 floats = 16 KiB)
-    assert rows["cbam_insert"]["saved"] < rows["seed"]["saved"]
+    # the fused module keeps less for backward than the reference CBAM's F' (2*32*8*8 floats = 16 KiB)
+    assert rows["cbam_insert"]["saved"] < rows["reference"]["saved"]
 
 
-def test_seed_formulation_matches_the_module():
+def test_reference_formulation_matches_the_module():
     bench = _load()
     import torch
 
@@ -36,7 +36,7 @@ def test_seed_formulation_matches_the_module():
 
     m = CBAM(48)
     x = torch.randn(2, 48, 9, 9)
-    torch.testing.assert_close(bench.seed_from(m)(x), m(x), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(bench.ReferenceCBAM.like(m)(x), m(x), atol=1e-6, rtol=1e-6)
 
 
 def test_bfloat16_run_and_bad_device():

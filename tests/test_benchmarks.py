@@ -44,10 +44,10 @@ def test_bench_model_quick_runs_and_reports_ratios(tmp_path):
     assert {(r["layout"], r["mode"]) for r in rows} == {("contiguous", "eager"), ("channels_last", "eager")}
     for r in rows:
         assert "skipped" not in r, r
-        assert r["bare_ms"] > 0 and r["seed_ms"] > 0 and r["project_ms"] > 0
-        # same weights in the seed's and the project's CBAM: the patched models agree
-        assert r["seed_vs_project_maxdiff"] < 1e-3
-        assert min(r["bare_faults"], r["seed_faults"], r["project_faults"]) >= 0
+        assert r["bare_ms"] > 0 and r["reference_ms"] > 0 and r["project_ms"] > 0
+        # same weights in the reference and the project's CBAM: the patched models agree
+        assert r["reference_vs_project_maxdiff"] < 1e-3
+        assert min(r["bare_faults"], r["reference_faults"], r["project_faults"]) >= 0
 
 
 def test_bench_model_native_times_the_compiled_kernel_too(tmp_path, native_kernel):
@@ -58,8 +58,8 @@ def test_bench_model_native_times_the_compiled_kernel_too(tmp_path, native_kerne
     (row,) = json.loads(out.read_text())
     assert row["native_ms"] > 0
     # two quick rounds: an added latency can come out <= 0, and the ratio is then undefined
-    if row["seed_added_ms"] > 0:
-        assert row["native_ratio"] == row["native_added_ms"] / row["seed_added_ms"]
+    if row["reference_added_ms"] > 0:
+        assert row["native_ratio"] == row["native_added_ms"] / row["reference_added_ms"]
     else:
         assert math.isnan(row["native_ratio"])
     assert row["native_vs_project_maxdiff"] < 1e-4
@@ -73,7 +73,7 @@ def test_import_does_not_build_or_load_the_native_kernel():
 def test_bench_model_profile_quick_prints_op_tables():
     proc = _run("benchmarks/bench_model.py", "--quick", "--models", "resnet18", "--layouts", "contiguous",
                 "--threads", "1", "--profile")  # fmt: skip
-    assert "project CBAM" in proc.stdout and "seed CBAM" in proc.stdout
+    assert "project CBAM" in proc.stdout and "reference CBAM" in proc.stdout
 
 
 def test_bench_cli_quick_runs_and_prints_the_ratio():

@@ -334,11 +334,11 @@ def test_official_variant_on_resnet50_has_the_papers_parameter_count():
     (MLP biases, BatchNorm after the spatial conv) in every bottleneck gives exactly that."""
     model = torchvision.models.resnet50()
     official = insert_cbam(model, after="block", variant="official")
-    seed = insert_cbam(model, after="block")
+    plain = insert_cbam(model, after="block")
     assert round(sum(p.numel() for p in official.parameters()) / 1e6, 2) == 28.09
-    # the seed's bias-free module: 2*C*(C//16) + 2*7*7 per block, C = 256/512/1024/2048 x 3/4/6/3
+    # the plain variant's bias-free module: 2*C*(C//16) + 2*7*7 per block, C = 256/512/1024/2048 x 3/4/6/3
     expected = sum(n * (2 * c * (c // 16) + 98) for c, n in [(256, 3), (512, 4), (1024, 6), (2048, 3)])
-    assert sum(p.numel() for p in seed.parameters()) - sum(p.numel() for p in model.parameters()) == expected
+    assert sum(p.numel() for p in plain.parameters()) - sum(p.numel() for p in model.parameters()) == expected
 
 
 class _Inner(nn.Module):

@@ -1,6 +1,6 @@
 """CBAM, ChannelAttention and SpatialAttention: maths, options, identity init, dtypes, export.
 
-The reference below is written from the equations of DESIGN.md section 1 with its own ops
+The reference below is written from the paper's equations (Woo et al., ECCV 2018) with its own ops
 (flatten + explicit matmuls + functional convolutions), and gets the module's weights copied in.
 """
 

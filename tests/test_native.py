@@ -70,9 +70,9 @@ def _official(channels: int, **kw) -> CBAM:
 
 
 CASES = {
-    "seed-56": (lambda: CBAM(64), (1, 64, 56, 56)),
-    "seed-odd": (lambda: CBAM(40), (3, 40, 13, 11)),
-    "seed-tiny-map": (lambda: CBAM(32, kernel_size=3), (2, 32, 3, 3)),
+    "plain-56": (lambda: CBAM(64), (1, 64, 56, 56)),
+    "plain-odd": (lambda: CBAM(40), (3, 40, 13, 11)),
+    "plain-tiny-map": (lambda: CBAM(32, kernel_size=3), (2, 32, 3, 3)),
     "one-channel": (lambda: CBAM(1), (2, 1, 5, 5)),
     "k1": (lambda: CBAM(16, kernel_size=1), (2, 16, 9, 9)),
     "mlp-bias": (lambda: CBAM(48, mlp_bias=True, reduction=4), (2, 48, 10, 12)),
@@ -309,7 +309,7 @@ def test_environment_variable_off_or_unknown(value, warns):
 
 
 @pytest.mark.parametrize(
-    "case", ["seed-56", "seed-odd", "seed-tiny-map", "one-channel", "mlp-bias", "official", "3d", "3d-official"]
+    "case", ["plain-56", "plain-odd", "plain-tiny-map", "one-channel", "mlp-bias", "official", "3d", "3d-official"]
 )
 @pytest.mark.parametrize("threads", [1, 2])
 def test_kernel_on_channels_last_inputs(case, threads, calls):

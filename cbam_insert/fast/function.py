@@ -51,7 +51,7 @@ class CBAMFunction(torch.autograd.Function):
         avg, cmax = _mean_and_max_eager(x)
         avg_first = cg.pool_types[0] == "avg"
         pooled_c = torch.stack([avg, cmax] if avg_first else [cmax, avg], dim=0)
-        # the small parts: by hand for the seed's layers, else on a little autograd graph
+        # the small parts: by hand for the plain variant's layers, else on a little autograd graph
         manual = _manual_small_parts(cg, sg)
         if manual:
             hidden = F.relu(F.linear(pooled_c, cg.fc1.weight, cg.fc1.bias))
