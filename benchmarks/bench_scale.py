@@ -9,10 +9,14 @@ the weights included), plus the graph size: the pass is linear in the number of 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torchvision
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cbam_insert import find_sites, insert_cbam
 
