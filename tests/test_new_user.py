@@ -283,7 +283,7 @@ def test_cli_doc_lists_every_option_and_the_default_output_names():
     from typer.main import get_command
 
     from cbam_insert.cli import app
-    from cbam_insert.io import FORMATS, default_output
+    from cbam_insert.formats import FORMATS, default_output
 
     doc = (ROOT / "docs" / "cli.md").read_text()
     for param in get_command(app).params:
