@@ -266,7 +266,7 @@ def test_render_and_json_of_a_token_site_without_a_cost():
 
 def _onnx_opset() -> int:
     """The opset the ONNX writer asks for, wherever the package keeps the constant."""
-    found = {int(m) for p in (ROOT / "cbam_insert").rglob("*.py") for m in re.findall(r"_ONNX_OPSET = (\d+)", p.read_text())}
+    found = {int(m) for p in (ROOT / "cbam_insert").rglob("*.py") for m in re.findall(r"\bONNX_OPSET = (\d+)", p.read_text())}
     assert len(found) == 1, found
     return found.pop()
 
