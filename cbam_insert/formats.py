@@ -26,7 +26,8 @@ FORMAT_EXT = {"pt": ".pt", "state-dict": ".pth", "safetensors": ".safetensors", 
 RECIPE_SUFFIX = ".recipe.json"
 """A ``.pth`` state dict's recipe lives beside it: ``w.pth`` -> ``w.pth.recipe.json``."""
 RECIPE_KEY = "cbam_insert_recipe"
-PT_VERSION = 1
+PT_VERSION = 2
+"""1: the payload dict itself; 2: ``rebuild(payload)``, which plain ``torch.load`` runs (``cbam_insert.patched``)."""
 ONNX_OPSET = 18
 TRUST_HINT = "if you trust the file, pass --trust (API: load_model(..., trust=True))"
 ARCH_HINT = "--arch torchvision:NAME (API: load_model(path, arch='torchvision:NAME'))"

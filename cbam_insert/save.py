@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from . import patched
 from .errors import CBAMInsertError, first_line, require
 from .formats import EXTENSIONS, FORMATS, ONNX_OPSET, PT_VERSION, RECIPE_KEY, RECIPE_SUFFIX
 from .modes import in_mode
@@ -146,7 +147,7 @@ def _write_pt(model: nn.Module, path: Path, example_inputs: Any) -> None:
             "state_dict": model.state_dict(),
         }
         with _atomic(path) as tmp:
-            torch.save(payload, tmp)
+            torch.save(patched.wrap(payload), tmp)
         return
     if _carries_code(model):
         raise CBAMInsertError(
