@@ -9,6 +9,7 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
     __version__ = "0.0.0+unknown"
 
+from .adapter import remove_cbam
 from .api import PatchReport, apply_recipe, find_sites, insert_cbam
 from .errors import CBAMInsertError
 from .load import load_model
@@ -28,5 +29,6 @@ __all__ = [
     "find_sites",
     "insert_cbam",
     "load_model",
+    "remove_cbam",
     "save_model",
 ]

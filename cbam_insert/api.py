@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from . import __version__
+from .attrs import keep_through_deepcopy
 from .errors import CBAMInsertError
 from .meta import meta_copy
 from .modules import CBAM
@@ -267,6 +268,7 @@ def insert_cbam(
     result.cbam_report = report
     result.cbam_recipe = recipe.to_json()
     result.__dict__["_cbam_base"] = base  # not a submodule: kept out of state_dict and .to()
+    keep_through_deepcopy(result)
     _match_devices(result)
     return result
 

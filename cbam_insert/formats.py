@@ -12,7 +12,7 @@ from pathlib import Path
 
 __all__ = ["EXTENSIONS", "FORMATS", "PT_VERSION", "RECIPE_KEY", "RECIPE_SUFFIX", "default_output", "is_spec"]
 
-FORMATS = ("pt", "state-dict", "safetensors", "torchscript", "onnx", "pt2")
+FORMATS = ("pt", "state-dict", "safetensors", "adapter", "torchscript", "onnx", "pt2")
 EXTENSIONS = {
     ".pt": "pt",
     ".pth": "state-dict",
@@ -22,7 +22,7 @@ EXTENSIONS = {
     ".onnx": "onnx",
     ".pt2": "pt2",
 }
-FORMAT_EXT = {"pt": ".pt", "state-dict": ".pth", "safetensors": ".safetensors", "torchscript": ".ts", "onnx": ".onnx", "pt2": ".pt2"}
+FORMAT_EXT = {"pt": ".pt", "state-dict": ".pth", "safetensors": ".safetensors", "adapter": ".safetensors", "torchscript": ".ts", "onnx": ".onnx", "pt2": ".pt2"}
 RECIPE_SUFFIX = ".recipe.json"
 """A ``.pth`` state dict's recipe lives beside it: ``w.pth`` -> ``w.pth.recipe.json``."""
 RECIPE_KEY = "cbam_insert_recipe"

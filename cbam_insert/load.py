@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import adapter
 from .errors import CBAMInsertError, first_line, require
 from .formats import ARCH_HINT, PT_VERSION, RECIPE_KEY, RECIPE_SUFFIX, is_spec
 from .recipe import Recipe
@@ -59,6 +60,8 @@ def load_model(source: str | Path, arch: str | nn.Module | None = None, trust: b
         raise CBAMInsertError(f"{path}: is a directory, expected a model file")
     kind = _sniff(path)
     if kind == "safetensors":
+        if adapter.is_adapter(path):
+            return adapter.load_adapter(path, arch)
         state, recipe = _read_safetensors(path)
         model = _weights_into(arch, state, recipe, path)
     else:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from . import patched
+from . import adapter, patched
 from .errors import CBAMInsertError, first_line, require
 from .formats import EXTENSIONS, FORMATS, ONNX_OPSET, PT_VERSION, RECIPE_KEY, RECIPE_SUFFIX
 from .modes import in_mode
@@ -247,6 +247,7 @@ _WRITERS: dict[str, Callable[[nn.Module, Path, Any], None]] = {
     "pt": _write_pt,
     "state-dict": _write_state_dict,
     "safetensors": _write_safetensors,
+    "adapter": lambda model, path, example_inputs: adapter.save_adapter(model, path),
     "torchscript": _write_torchscript,
     "onnx": _write_onnx,
     "pt2": _write_pt2,
