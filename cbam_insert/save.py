@@ -21,7 +21,7 @@ from torch import fx, nn
 
 from . import adapter, patched
 from .errors import CBAMInsertError, first_line, require
-from .formats import EXTENSIONS, FORMATS, ONNX_OPSET, PT_VERSION, RECIPE_KEY, RECIPE_SUFFIX
+from .formats import EXTENSIONS, FORMATS, PT_VERSION, RECIPE_KEY, RECIPE_SUFFIX
 from .modes import in_mode
 from .recipe import Recipe, make_inputs
 
@@ -35,6 +35,7 @@ def save_model(
     *,
     example_inputs: Any = None,
     force: bool = True,
+    dynamic: bool = True,
 ) -> Path:
     """Save ``model`` to ``path`` in ``format`` (one of ``FORMATS``; inferred from the extension).
 
@@ -43,9 +44,12 @@ def save_model(
       outputs. Other modules are pickled with ``torch.save``; a foreign ``fx.GraphModule`` is refused.
     * ``state-dict`` (``.pth``) and ``safetensors``: the weights, plus the recipe of a patched model
       (beside a ``.pth`` as ``NAME.pth.recipe.json``; in the metadata of a ``.safetensors``).
+    * ``adapter`` (``.safetensors``): only the CBAM weights and the recipe (see ``cbam_insert.adapter``).
     * ``torchscript`` (``torch.jit.trace``), ``onnx`` (opset 18, torch.export-based exporter) and
       ``pt2`` (``torch.export``): the model in eval mode, captured on ``example_inputs`` (default: the
-      recipe's example input, else one inferred from the first convolution).
+      recipe's example input, else one inferred from the first convolution). ONNX and pt2 have a
+      dynamic batch, and dynamic spatial sizes where the model allows (``dynamic=False``: the
+      example's shapes); ONNX names its inputs and outputs (see ``cbam_insert.export``).
 
     The write is atomic: a temporary file beside ``path``, renamed onto it when complete.
     ``force=False`` refuses an existing ``path``; the default ``True`` overwrites, because the CLI
@@ -53,7 +57,10 @@ def save_model(
     """
     path, fmt = check_output(path, format, force=force)
     writer = _WRITERS[fmt]
-    writer(model, path, example_inputs)
+    if fmt in ("onnx", "pt2"):
+        writer(model, path, example_inputs, dynamic)  # type: ignore[call-arg]
+    else:
+        writer(model, path, example_inputs)
     return path
 
 
@@ -212,35 +219,23 @@ def _write_torchscript(model: nn.Module, path: Path, example_inputs: Any) -> Non
             torch.jit.save(traced, tmp)
 
 
-def _write_onnx(model: nn.Module, path: Path, example_inputs: Any) -> None:
+def _write_onnx(model: nn.Module, path: Path, example_inputs: Any, dynamic: bool = True) -> None:
     require("onnxscript", "ONNX export")
+    from .export import export_onnx
+
     inputs = _export_inputs(model, example_inputs)
-    with _eval_mode(model), warnings.catch_warnings(), _quiet():
-        warnings.simplefilter("ignore")
-        with _atomic(path) as tmp:
-            try:
-                torch.onnx.export(model, inputs, tmp, dynamo=True, external_data=False, opset_version=ONNX_OPSET,
-                                  verbose=False)  # fmt: skip
-            except Exception as exc:
-                raise CBAMInsertError(f"ONNX export failed ({first_line(exc)}); try --format torchscript") from exc
+    with _eval_mode(model), _atomic(path) as tmp:
+        export_onnx(model, tmp, inputs, dynamic=dynamic)
 
 
-def _write_pt2(model: nn.Module, path: Path, example_inputs: Any) -> None:
+def _write_pt2(model: nn.Module, path: Path, example_inputs: Any, dynamic: bool = True) -> None:
+    from .export import export_pt2
+
     inputs = _export_inputs(model, example_inputs)
     with _eval_mode(model):
-        try:
-            program = torch.export.export(model, inputs)
-        except Exception as exc:
-            raise CBAMInsertError(f"torch.export failed ({first_line(exc)}); try --format torchscript") from exc
+        program, _ = export_pt2(model, inputs, dynamic=dynamic)
         with _atomic(path) as tmp:
             torch.export.save(program, tmp)
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Silence the progress lines the ONNX exporter prints to stdout."""
-    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
-        yield
 
 
 _WRITERS: dict[str, Callable[[nn.Module, Path, Any], None]] = {

@@ -136,7 +136,6 @@ def test_remove_cbam_of_an_unpatched_model_is_one_line():
 
 def test_a_deep_copy_of_a_fully_traced_model_keeps_what_it_carries(patched, tmp_path):
     """EMA models and copies before export are deep copies: they still save, adapt and unpatch."""
-    import copy
 
     twice = copy.deepcopy(copy.deepcopy(patched))
     assert twice.cbam_recipe == patched.cbam_recipe and twice.cbam_recipe is not patched.cbam_recipe
