@@ -242,9 +242,15 @@ def main_command(
     )] = False,
     fmt: Annotated[str | None, typer.Option(
         "--format", metavar="FORMAT", show_default=False,
-        help="Output format: pt, state-dict, safetensors, torchscript, onnx, pt2 [default: from the -o "
-        "extension, else pt]: --format safetensors.",
+        help="Output format: pt, state-dict, safetensors, adapter (only the CBAM weights and the recipe, as "
+        ".safetensors), torchscript, onnx, pt2 [default: from the -o extension, else pt]: --format safetensors. "
+        "A file this tool patched converts to another format without being patched again.",
     )] = None,
+    static_shapes: Annotated[bool, typer.Option(
+        "--static-shapes",
+        help="onnx/pt2: fix every input shape to the example's (default: dynamic batch, and dynamic height and "
+        "width where the model allows).",
+    )] = False,
     input_shape: Annotated[str | None, typer.Option(
         "--input-shape", metavar="SHAPE", show_default=False,
         help="Example input for single-tensor models [default: from the first conv, 1,3,224,224 for RGB image "
@@ -314,7 +320,8 @@ def main_command(
                 channel=False if no_channel else None, spatial=False if no_spatial else None, order=order,
                 variant=variant, mlp_bias=mlp_bias, spatial_norm=spatial_norm, init=init,
             ),
-            seed=seed, arch=arch, weights=weights, trust=trust, fmt=fmt, input_shape=input_shape, device=device,
+            seed=seed, arch=arch, weights=weights, trust=trust, fmt=fmt, static_shapes=static_shapes,
+            input_shape=input_shape, device=device,
             output=output, force=force, dry_run=dry_run, as_json=as_json, bench=bench, quiet=quiet,
         )  # fmt: skip
     except typer.Exit:
@@ -355,6 +362,7 @@ def _run(
     weights: Path | None,
     trust: bool,
     fmt: str | None,
+    static_shapes: bool,
     input_shape: str | None,
     device: str,
     output: Path | None,
@@ -404,6 +412,7 @@ def _run(
             inputs = (torch.rand(*shape, generator=torch.Generator().manual_seed(0)).to(dev),)
         patched = cost = timing = example = None
         why_none = ""
+        converted = False
         with step("tracing and inserting CBAM"):
             try:
                 patched = insert_cbam(
@@ -412,9 +421,15 @@ def _run(
                 )
                 report = patched.cbam_report
             except NoSiteError as exc:
-                if not dry_run:
+                if _already_patched(model):  # a file this tool wrote: convert it, do not patch again
+                    from .adapter import remove_cbam
+
+                    patched, model, converted = model, remove_cbam(model), True
+                    report = _whole_report(patched)
+                elif not dry_run:
                     raise
-                report, why_none = PatchReport(after, exc.sites, [], [], exc.untraced), _one_line(exc)
+                else:
+                    report, why_none = PatchReport(after, exc.sites, [], [], exc.untraced), _one_line(exc)
             except CBAMInsertError as exc:
                 hint = _input_shape_problem(model, shape) if shape is not None else None
                 if hint is not None:
@@ -438,11 +453,13 @@ def _run(
             with step(f"saving {out}"):
                 if dev.type != "cpu":
                     patched, example = patched.to("cpu"), make_inputs(spec)
-                save_model(patched, out, fmt, example_inputs=example, force=force)
+                save_model(patched, out, fmt, example_inputs=example, force=force, dynamic=not static_shapes)
     if as_json:
         data = report_dict(report, cost, output=str(out) if out else None, bench=timing, dry_run=dry_run,
                            inputs=describe_inputs(example) if example is not None else None)  # fmt: skip
         data["source"] = src
+        if converted:
+            data["converted"] = True  # already patched: written as it was, not patched again
         if why_none:
             data["error"] = why_none
         sys.stdout.write(json.dumps(data, indent=2) + "\n")
@@ -451,6 +468,12 @@ def _run(
             sys.stdout.write(f"{out}\n")
     elif why_none:
         _print(console, f"dry run, nothing written: {why_none}", soft_wrap=True)
+    elif out is not None and converted:
+        _print(
+            console,
+            f"already patched ({len(report.modules)} CBAM module(s)): converted to {out} without patching again",
+            soft_wrap=True,
+        )
     elif out is not None:
         _print(console, f"saved {len(report.modules)} CBAM module(s) to {out}", soft_wrap=True)
     else:
@@ -466,6 +489,20 @@ def _print(console: Any, renderable: Any, **kwargs: Any) -> None:
     with console.capture() as captured:
         console.print(renderable, **kwargs)
     sys.stdout.write("".join(line.rstrip() + "\n" for line in captured.get().splitlines()))
+
+
+def _already_patched(model: Any) -> bool:
+    """Whether ``model`` is one this tool patched (a file it wrote): finding no new site, it is converted."""
+    recipe = getattr(model, "cbam_recipe", None)
+    return isinstance(recipe, dict) and bool(recipe.get("steps"))
+
+
+def _whole_report(model: Any) -> Any:
+    """The report of an already-patched model, naming every CBAM module its recipe added."""
+    from dataclasses import replace
+
+    modules = [name for step in model.cbam_recipe["steps"] for name in step["modules"]]
+    return replace(model.cbam_report, modules=modules)
 
 
 def _describe_shape(spec: Any) -> str:
