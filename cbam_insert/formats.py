@@ -22,7 +22,7 @@ EXTENSIONS = {
     ".onnx": "onnx",
     ".pt2": "pt2",
 }
-FORMAT_EXT = {"pt": ".pt", "state-dict": ".pth", "safetensors": ".safetensors", "adapter": ".safetensors", "torchscript": ".ts", "onnx": ".onnx", "pt2": ".pt2"}
+FORMAT_EXT = {"pt": ".pt", "state-dict": ".pth", "safetensors": ".safetensors", "adapter": ".adapter.safetensors", "torchscript": ".ts", "onnx": ".onnx", "pt2": ".pt2"}
 RECIPE_SUFFIX = ".recipe.json"
 """A ``.pth`` state dict's recipe lives beside it: ``w.pth`` -> ``w.pth.recipe.json``."""
 RECIPE_KEY = "cbam_insert_recipe"

@@ -96,6 +96,8 @@ def _resolve_format(path: Path, fmt: str | None) -> str:
         if fmt not in FORMATS:
             raise CBAMInsertError(f"unknown format: --format {fmt!r}; choose one of {', '.join(FORMATS)}")
         return fmt
+    if path.name.lower().endswith(".adapter.safetensors"):
+        return "adapter"
     guess = EXTENSIONS.get(path.suffix.lower())
     if guess is None:
         known = ", ".join(f"{ext}={f}" for ext, f in EXTENSIONS.items())

@@ -143,3 +143,12 @@ def test_a_deep_copy_of_a_fully_traced_model_keeps_what_it_carries(patched, tmp_
     with torch.no_grad():
         assert torch.equal(remove_cbam(twice)(X), remove_cbam(patched)(X))
         assert torch.equal(load_model(save_model(twice, tmp_path / "t.pt"))(X), patched(X))
+
+
+def test_the_adapter_extension_picks_the_format(patched, tmp_path):
+    from cbam_insert.formats import default_output
+
+    assert default_output("torchvision:resnet18", "adapter").name == "resnet18_cbam.adapter.safetensors"
+    path = save_model(patched, tmp_path / "r.adapter.safetensors")
+    assert path.stat().st_size < 1_000_000
+    assert load_model(path, arch="torchvision:resnet18").cbam_report.modules == patched.cbam_report.modules
