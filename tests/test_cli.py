@@ -183,9 +183,9 @@ def test_seed_makes_identical_files(model_pt: Path, tmp_path: Path):
 def test_repatch_is_explicit(model_pt: Path, tmp_path: Path):
     once = tmp_path / "once.pt"
     assert run(model_pt, *SMALL, "-o", once).exit_code == 0
-    res = run(once, *SMALL, "-o", tmp_path / "twice.pt")
-    assert res.exit_code == 1 and "already has CBAM" in res.stderr
-    assert not (tmp_path / "twice.pt").exists()
+    res = run(once, *SMALL, "-o", tmp_path / "same.pt")  # without --repatch: converted, not patched again
+    assert res.exit_code == 0 and "without patching again" in res.stdout
+    assert len(_cbams(load_model(tmp_path / "same.pt"))) == 8
     res = run(once, *SMALL, "-o", tmp_path / "twice.pt", "--repatch", "--json")
     assert res.exit_code == 0, res.output
     data = json.loads(res.stdout)
