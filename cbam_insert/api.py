@@ -36,8 +36,8 @@ from .attrs import keep_through_deepcopy
 from .errors import CBAMInsertError
 from .meta import meta_copy
 from .modules import CBAM
-from .recipe import Recipe, SelectionSpec, Step, describe_inputs, make_inputs
-from .sites import PLACEMENTS, Selection, Site, find_unit_sites, select_sites
+from .recipe import Recipe, Selection, Step, describe_inputs, make_inputs
+from .sites import PLACEMENTS, Site, find_unit_sites, select_sites
 from .splice import set_submodule, splice_unit
 from .trace import TraceResult, infer_example_inputs, trace_units
 
@@ -254,7 +254,7 @@ def insert_cbam(
         after=after,
         modules=tuple(report.modules),
         example_inputs=describe_inputs(inputs),
-        selection=SelectionSpec(sel.include, sel.exclude, sel.stages, sel.every, sel.max_sites, sel.min_channels),
+        selection=sel,
         cbam=dict(cbam_options),
         allow_repatch=allow_repatch,
         seed=seed,

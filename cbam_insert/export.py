@@ -126,7 +126,7 @@ def export_onnx(model: nn.Module, path: str, inputs: tuple[Any, ...], dynamic: b
         with _quiet():
             torch.onnx.export(model, example, path, dynamo=True, external_data=False, opset_version=ONNX_OPSET,
                               input_names=names, output_names=outputs, dynamic_shapes=shapes, verbose=False)  # fmt: skip
-    except Exception as exc:  # noqa: BLE001 - whatever the exporter raises, it is one line for the user
+    except Exception as exc:
         raise CBAMInsertError(f"ONNX export failed ({first_line(exc)}); try --format torchscript") from exc
     return ExportResult(dims, names, outputs)
 

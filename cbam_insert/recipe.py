@@ -27,7 +27,7 @@ import torch
 
 from .errors import CBAMInsertError
 
-__all__ = ["FORMAT", "MAX_EXAMPLE_ELEMENTS", "MAX_STEPS", "Recipe", "SelectionSpec", "Step", "describe_inputs", "make_inputs"]
+__all__ = ["FORMAT", "MAX_EXAMPLE_ELEMENTS", "MAX_STEPS", "Recipe", "Selection", "Step", "describe_inputs", "make_inputs"]
 
 FORMAT = "cbam-insert/recipe"
 VERSION = 1
@@ -61,8 +61,9 @@ def _strings(value: Any, what: str) -> tuple[str, ...]:
 
 
 @dataclass(frozen=True)
-class SelectionSpec:
-    """The selection filters as recorded (see ``cbam_insert.sites.Selection``)."""
+class Selection:
+    """Filters that keep some sites (applied by ``cbam_insert.sites.select_sites``), as the recipe
+    records them. Patterns are globs or regexes (``re:`` prefix forces regex)."""
 
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
@@ -72,7 +73,7 @@ class SelectionSpec:
     min_channels: int = 1
 
     @classmethod
-    def from_json(cls, d: Any) -> SelectionSpec:
+    def from_json(cls, d: Any) -> Selection:
         if d is None:
             return cls()
         if not isinstance(d, dict):
@@ -104,7 +105,7 @@ class Step:
     after: str
     modules: tuple[str, ...]
     example_inputs: Any
-    selection: SelectionSpec = field(default_factory=SelectionSpec)
+    selection: Selection = field(default_factory=Selection)
     cbam: dict[str, Any] = field(default_factory=dict)
     allow_repatch: bool = False
     seed: int | None = None
@@ -137,7 +138,7 @@ class Step:
             after=after,
             modules=tuple(modules),
             example_inputs=example,
-            selection=SelectionSpec.from_json(d.get("selection")),
+            selection=Selection.from_json(d.get("selection")),
             cbam=dict(cbam),
             allow_repatch=d.get("allow_repatch", False),
             seed=_int(d.get("seed"), f"step {index + 1}: seed", 0, (1 << 64) - 1, optional=True),

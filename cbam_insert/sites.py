@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .modules import CBAM
+from .recipe import Selection
 from .trace import FROZEN_NORMS, TensorInfo, Unit, is_add, node_key
 
 __all__ = ["PLACEMENTS", "Site", "cbam_module_name", "find_unit_sites", "select_sites"]
@@ -708,18 +709,6 @@ def cbam_module_name(unit_path: str, key: str) -> str:
 
 
 # ----------------------------------------------------------------------------- selection
-
-
-@dataclass(frozen=True)
-class Selection:
-    """Filters that keep some sites. Patterns are globs or regexes (``re:`` prefix forces regex)."""
-
-    include: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ()
-    stages: tuple[int, int] | None = None
-    every: int = 1
-    max_sites: int | None = None
-    min_channels: int = 1
 
 
 def select_sites(sites: Iterable[Site], sel: Selection) -> list[Site]:

@@ -44,7 +44,7 @@ from torch import nn
 from ..errors import CBAMInsertError
 from ..modules import CBAM
 
-__all__ = ["CBAMHook", "PLACEMENTS", "cbam_modules", "is_yolo_checkpoint", "patch_model", "patch_yolo"]
+__all__ = ["PLACEMENTS", "CBAMHook", "cbam_modules", "is_yolo_checkpoint", "patch_model", "patch_yolo"]
 
 PLACEMENTS = ("block", "conv")
 RECORD = "cbam_yolo"
