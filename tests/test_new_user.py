@@ -83,6 +83,34 @@ def test_detector_heads_are_counted_at_capacity_as_torchvision_counts_them():
     assert model.rpn.nms_thresh == 0.7 and model.roi_heads.score_thresh == 0.05  # restored after counting
 
 
+# ----------------------------------------------------------------------------- 2. a selection that keeps nothing
+
+
+def test_stage_filter_that_keeps_nothing_says_what_the_model_has(tmp_path: Path):
+    dry = cli("torchvision:resnet18", *SMALL, "--stages", "5", "--dry-run", cwd=tmp_path)
+    real = cli("torchvision:resnet18", *SMALL, "--stages", "5", cwd=tmp_path)
+    message = (
+        "no site for after='block' in ResNet kept by the selection: the model has 8 such sites in stages 1-4, "
+        "and stages 5 keeps none of them"
+    )
+    assert dry.returncode == 0 and f"dry run, nothing written: {message}" in dry.stdout  # dry runs never fail
+    assert real.returncode == 1 and real.stderr == f"error: {message}\n"
+    assert "stage 4 outside stages 5-5" in dry.stdout  # every skipped site still listed
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_min_channels_that_keeps_nothing_says_the_channel_range():
+    from cbam_insert import insert_cbam
+    from cbam_insert.errors import CBAMInsertError
+
+    with pytest.raises(CBAMInsertError) as info:
+        insert_cbam(torchvision.models.resnet18(), example_inputs=(torch.rand(1, 3, 32, 32),), min_channels=1024)
+    assert str(info.value) == (
+        "no site for after='block' in ResNet kept by the selection: the model has 8 such sites with 64-512 channels, "
+        "and min_channels 1024 keeps none of them"
+    )
+
+
 # ----------------------------------------------------------------------------- 3. untraced parts
 
 
@@ -123,6 +151,26 @@ def test_input_shape_of_the_wrong_rank_is_said_in_the_models_terms(tmp_path: Pat
         "the shape given has rank 3\n"
     )
     assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- 5. misspelt names
+
+
+def test_misspelt_torchvision_name_suggests_the_closest():
+    res = cli("torchvision:resnt50", "--dry-run")
+    assert res.returncode == 1
+    assert res.stderr.startswith("error: unknown torchvision model 'resnt50'; did you mean resnet50")
+
+
+def test_misspelt_timm_name_suggests_the_closest():
+    pytest.importorskip("timm")
+    from cbam_insert.errors import CBAMInsertError
+    from cbam_insert import load_model
+
+    with pytest.raises(CBAMInsertError, match=r"^unknown timm model 'resnt50'; did you mean resnet50"):
+        load_model("timm:resnt50")
+    with pytest.raises(CBAMInsertError, match=r"^unknown torchvision model 'qwertyuiop'; see"):
+        load_model("torchvision:qwertyuiop")
 
 
 # ----------------------------------------------------------------------------- 6. token tensors
@@ -259,6 +307,29 @@ def test_render_and_json_of_a_token_site_without_a_cost():
     assert report_dict(report, None)["sites"][0]["spatial"] is None
     row = [line for line in _text(render_report(report, None, show_skipped=True)[0]).splitlines() if "blocks.0" in line]
     assert re.search(r"│ block\s+│\s+-\s+│\s+-\s+│", row[0]), row
+
+
+# ----------------------------------------------------------------------------- 9. warnings
+
+
+def test_the_cbam_code_raises_no_warning_under_jit_trace_and_export():
+    import warnings
+
+    from cbam_insert import CBAM, insert_cbam
+
+    x = torch.rand(1, 3, 64, 64)
+    patched = insert_cbam(torchvision.models.resnet18(), example_inputs=(x,), max_sites=2).eval()
+    module = CBAM(16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            torch.jit.trace(patched, (x,))
+        torch.jit.trace(module.train(), torch.rand(2, 16, 8, 8, requires_grad=True))
+        torch.jit.trace(module.eval(), torch.rand(2, 16, 8, 8))
+        torch.export.export(patched, (x,))
+    ours = [f"{w.filename}:{w.lineno}: {w.message}"[:200] for w in caught if "cbam_insert" in w.filename]
+    assert ours == []  # was: TracerWarnings from the input check and the eager helpers
+    assert any(issubclass(w.category, FutureWarning) for w in caught)  # torch.jit.trace's own deprecation
 
 
 # ----------------------------------------------------------------------------- 10. docs
