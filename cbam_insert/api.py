@@ -165,8 +165,11 @@ class NoSiteError(CBAMInsertError):
 
 
 def _no_site_error(model: nn.Module, after: str, sites: list[Site], traced: TraceResult, sel: Selection) -> NoSiteError:
-    others = []
     units = traced.units
+    candidates = [s for u in units for s in find_unit_sites(u, after) if s.used]
+    if candidates:
+        return NoSiteError(_kept_none(model, after, candidates, sel), sites, traced.skipped)
+    others = []
     for p in PLACEMENTS:
         if p == after:
             continue
@@ -174,9 +177,40 @@ def _no_site_error(model: nn.Module, after: str, sites: list[Site], traced: Trac
         if any(s.used for s in select_sites(found, sel)):
             others.append(p)
     reasons = sorted({s.reason for s in sites})
-    why = f"; skipped: {'; '.join(reasons[:3])}" if reasons else ""
-    alt = f"; placements that find sites here: {', '.join(others)}" if others else "; no placement finds a site in this model"
+    more = f" and {len(reasons) - 5} more" if len(reasons) > 5 else ""
+    why = f"; skipped: {'; '.join(reasons[:5])}{more}" if reasons else ""
+    if others:
+        alt = f"; placements that find sites here: {', '.join(others)}"
+    elif sel == Selection():
+        alt = "; no placement finds a site in this model"
+    else:
+        alt = "; no other placement finds a site the selection keeps"
     return NoSiteError(f"no site for after={after!r} in {type(model).__name__}{why}{alt}", sites, traced.skipped)
+
+
+def _kept_none(model: nn.Module, after: str, candidates: list[Site], sel: Selection) -> str:
+    """The placement finds ``candidates`` and the selection keeps none: say what the model has
+    and which filters removed them."""
+    reasons = [s.reason for s in select_sites(candidates, sel)]
+    has, filters = f"the model has {len(candidates)} such site{'s' if len(candidates) > 1 else ''}", []
+    stages = sorted({s.stage for s in candidates if s.stage is not None})
+    if sel.stages is not None and any(r.startswith("stage ") for r in reasons):
+        has += f" in stages {stages[0]}-{stages[-1]}" if len(stages) > 1 else f" in stage {stages[0]}"
+        lo, hi = sel.stages
+        filters.append(f"stages {lo}" if lo == hi else f"stages {lo}-{hi}")
+    if any("< min_channels" in r for r in reasons):
+        low, high = min(s.channels for s in candidates), max(s.channels for s in candidates)
+        has += f" with {low}-{high} channels" if low != high else f" with {low} channels"
+        filters.append(f"min_channels {sel.min_channels}")
+    if "not matched by include" in reasons:
+        filters.append("include " + ", ".join(repr(p) for p in sel.include))
+    if "matched by exclude" in reasons:
+        filters.append("exclude " + ", ".join(repr(p) for p in sel.exclude))
+    keep = "keeps" if len(filters) == 1 else "keep"
+    return (
+        f"no site for after={after!r} in {type(model).__name__} kept by the selection: {has}, "
+        f"and {' and '.join(filters) or 'the selection'} {keep} none of them"
+    )
 
 
 def insert_cbam(

@@ -64,6 +64,8 @@ def _check_dims(dims: object) -> int:
 
 
 def _check_input(x: torch.Tensor, channels: int, dims: int, what: str) -> None:
+    if torch.jit.is_tracing():  # sizes are traced tensors there: comparing them warns, and the trace fixes them anyway
+        return
     if x.dim() != dims + 2 or x.shape[1] != channels:
         expected = "(N, " + str(channels) + ", " + ", ".join(["*"] * dims) + ")"
         raise ValueError(what + " expects input of shape " + expected + ", got " + str(list(x.shape)))

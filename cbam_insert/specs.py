@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Sequence
+
 from torch import nn
 
 from .errors import CBAMInsertError
@@ -19,9 +22,7 @@ def build_arch(spec: str) -> nn.Module:
 
         names = torchvision.models.list_models()
         if name not in names:
-            close = [n for n in names if name.lower() in n][:5]
-            hint = f"; did you mean {', '.join(close)}" if close else "; see torchvision.models.list_models()"
-            raise CBAMInsertError(f"unknown torchvision model {name!r}{hint}")
+            raise CBAMInsertError(f"unknown torchvision model {name!r}{_suggest(name, names, 'torchvision.models')}")
         kwargs: dict = {"weights": None}
         if name in torchvision.models.list_models(torchvision.models.detection) or name in torchvision.models.list_models(
             torchvision.models.segmentation
@@ -33,8 +34,19 @@ def build_arch(spec: str) -> nn.Module:
             import timm
         except ImportError as exc:
             raise CBAMInsertError("timm:NAME needs the timm package: pip install timm") from exc
-        if name not in timm.list_models():
-            raise CBAMInsertError(f"unknown timm model {name!r}")
+        names = timm.list_models()
+        if name not in names:
+            raise CBAMInsertError(f"unknown timm model {name!r}{_suggest(name, names, 'timm')}")
         return timm.create_model(name, pretrained=False)
     raise CBAMInsertError(f"unknown model library {lib!r} in {spec!r}; use torchvision:NAME or timm:NAME")
 
+
+
+def _suggest(name: str, names: Sequence[str], lib: str) -> str:
+    """``"; did you mean resnet50, resnet101"``: the closest names (difflib), then names containing
+    ``name``; else where to find the list."""
+    close = difflib.get_close_matches(name.lower(), names, n=5, cutoff=0.75)
+    close += [n for n in names if name.lower() in n and n not in close]
+    if not close:
+        return f"; see {lib}.list_models()"
+    return f"; did you mean {', '.join(close[:5])}?"
