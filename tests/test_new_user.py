@@ -142,9 +142,8 @@ def test_short_reason_is_the_first_sentence_cut_at_a_word():
 # ----------------------------------------------------------------------------- 4. --input-shape
 
 
-@pytest.mark.parametrize("dry", [True, False], ids=["dry-run", "real-run"])
-def test_input_shape_of_the_wrong_rank_is_said_in_the_models_terms(tmp_path: Path, dry: bool):
-    res = cli("torchvision:resnet18", "--input-shape", "1,3,224", *(["--dry-run"] if dry else []), cwd=tmp_path)
+def test_input_shape_of_the_wrong_rank_is_said_in_the_models_terms(tmp_path: Path):
+    res = cli("torchvision:resnet18", "--input-shape", "1,3,224", cwd=tmp_path)
     assert res.returncode == 1 and res.stdout == ""
     assert res.stderr == (
         "error: --input-shape 1,3,224: the model's first layer conv1 (Conv2d) expects (N, 3, H, W); "
@@ -156,21 +155,17 @@ def test_input_shape_of_the_wrong_rank_is_said_in_the_models_terms(tmp_path: Pat
 # ----------------------------------------------------------------------------- 5. misspelt names
 
 
-def test_misspelt_torchvision_name_suggests_the_closest():
-    res = cli("torchvision:resnt50", "--dry-run")
-    assert res.returncode == 1
-    assert res.stderr.startswith("error: unknown torchvision model 'resnt50'; did you mean resnet50")
-
-
-def test_misspelt_timm_name_suggests_the_closest():
-    pytest.importorskip("timm")
+def test_misspelt_names_suggest_the_closest():
     from cbam_insert import load_model
     from cbam_insert.errors import CBAMInsertError
 
-    with pytest.raises(CBAMInsertError, match=r"^unknown timm model 'resnt50'; did you mean resnet50"):
-        load_model("timm:resnt50")
-    with pytest.raises(CBAMInsertError, match=r"^unknown torchvision model 'qwertyuiop'; see"):
+    with pytest.raises(CBAMInsertError, match=r"^unknown torchvision model 'resnt50'; did you mean resnet50, "):
+        load_model("torchvision:resnt50")
+    with pytest.raises(CBAMInsertError, match=r"^unknown torchvision model 'qwertyuiop'; see torchvision\.models"):
         load_model("torchvision:qwertyuiop")
+    pytest.importorskip("timm")
+    with pytest.raises(CBAMInsertError, match=r"^unknown timm model 'resnt50'; did you mean resnet50, "):
+        load_model("timm:resnt50")
 
 
 # ----------------------------------------------------------------------------- 6. token tensors
@@ -203,12 +198,6 @@ def test_json_usage_error_is_one_object_on_stdout():
     data = json.loads(res.stdout)
     assert data["exit_code"] == 2 and data["error"].startswith("No such option: --no-such-flag")
     assert "No such option" in res.stderr
-
-
-def test_json_missing_file_is_one_object_on_stdout(tmp_path: Path):
-    res = cli(tmp_path / "missing.pt", "--json")
-    assert res.returncode == 1
-    assert "missing.pt" in json.loads(res.stdout)["error"]
 
 
 # ----------------------------------------------------------------------------- 8. piped output
