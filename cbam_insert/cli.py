@@ -407,6 +407,12 @@ def _run(
             if seed is not None:  # a built-in spec's random weights are part of a reproducible file too
                 torch.manual_seed(seed)
             model = load_model(src, arch=arch, trust=trust).to(dev)
+        from .integrations.ultralytics import is_yolo_model
+
+        if is_yolo_model(model):  # hooked CBAM children, written back as an Ultralytics checkpoint
+            _run_yolo(model, after=after, cbam=cbam, seed=seed, shape=shape, out=out, fmt=fmt, force=force,
+                      static_shapes=static_shapes, src=src, as_json=as_json, quiet=quiet, console=console)  # fmt: skip
+            return
         inputs = None
         if shape is not None:
             inputs = (torch.rand(*shape, generator=torch.Generator().manual_seed(0)).to(dev),)
@@ -489,6 +495,43 @@ def _print(console: Any, renderable: Any, **kwargs: Any) -> None:
     with console.capture() as captured:
         console.print(renderable, **kwargs)
     sys.stdout.write("".join(line.rstrip() + "\n" for line in captured.get().splitlines()))
+
+
+def _run_yolo(
+    model: Any, *, after: str, cbam: dict[str, Any], seed: int | None, shape: tuple[int, ...] | None, out: Path | None,
+    fmt: str | None, force: bool, static_shapes: bool, src: str, as_json: bool, quiet: bool, console: Any,
+) -> None:
+    """Patch an Ultralytics model (``cbam_insert.integrations.ultralytics``) and save it; ``pt``
+    is an Ultralytics checkpoint that ``YOLO(path)`` loads."""
+    import copy
+
+    import torch
+
+    from .integrations.ultralytics import cbam_modules, patch_model
+    from .save import save_model
+
+    imgsz = shape[-1] if shape is not None else 64
+    patched = copy.deepcopy(model)
+    added = patch_model(patched, after, imgsz=imgsz, seed=seed, **cbam)
+    if not added and not cbam_modules(patched):
+        raise CBAMInsertError(f"no site for after={after!r} in {type(model).__name__}")
+    params = sum(p.numel() for name in added for p in patched.get_submodule(name).parameters())
+    if out is not None:
+        example = (torch.rand(1, 3, imgsz, imgsz),)
+        save_model(patched.cpu(), out, fmt, example_inputs=example, force=force, dynamic=not static_shapes)
+    if as_json:
+        data = {"source": src, "ultralytics": True, "modules": added, "params_added": params,
+                "output": str(out) if out else None, "dry_run": out is None}  # fmt: skip
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+    elif quiet:
+        if out is not None:
+            sys.stdout.write(f"{out}\n")
+    else:
+        what = f"saved {len(added)} CBAM module(s) (+{params:,} params) to {out}" if out else (
+            f"dry run: would add {len(added)} CBAM module(s) (+{params:,} params); nothing written")
+        if out is not None and (fmt or "pt") == "pt":
+            what += " (an Ultralytics checkpoint: YOLO(path) loads it with cbam-insert installed)"
+        _print(console, what, soft_wrap=True)
 
 
 def _already_patched(model: Any) -> bool:

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from . import adapter
+from .integrations import ultralytics
 from .errors import CBAMInsertError, first_line, require
 from .formats import ARCH_HINT, PT_VERSION, RECIPE_KEY, RECIPE_SUFFIX, is_spec
 from .recipe import Recipe
@@ -112,6 +113,10 @@ def _from_object(obj: Any, path: Path, arch: str | nn.Module | None) -> nn.Modul
         if arch is not None:
             raise CBAMInsertError(f"{path}: holds a whole patched model; drop --arch")
         return _rebuild(obj, path)
+    if ultralytics.is_yolo_checkpoint(obj):
+        if arch is not None:
+            raise CBAMInsertError(f"{path}: an Ultralytics checkpoint holds its model; drop --arch")
+        return ultralytics.from_checkpoint(obj)
     if isinstance(obj, nn.Module):
         if arch is not None:
             raise CBAMInsertError(f"{path}: holds a whole model; drop --arch")

@@ -20,6 +20,7 @@ import torch
 from torch import fx, nn
 
 from . import adapter, patched
+from .integrations import ultralytics
 from .errors import CBAMInsertError, first_line, require
 from .formats import EXTENSIONS, FORMATS, PT_VERSION, RECIPE_KEY, RECIPE_SUFFIX
 from .modes import in_mode
@@ -141,6 +142,10 @@ def _carries_code(model: nn.Module) -> bool:
 
 
 def _write_pt(model: nn.Module, path: Path, example_inputs: Any) -> None:
+    if ultralytics.is_yolo_model(model):  # a checkpoint dict that YOLO(path) loads
+        with _atomic(path) as tmp:
+            ultralytics.write_checkpoint(model, tmp)
+        return
     base = model.__dict__.get("_cbam_base")
     recipe = _recipe(model)
     if base is not None and recipe is not None:

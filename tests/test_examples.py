@@ -89,3 +89,11 @@ def test_video_3d_example_patches_r3d18_with_3d_cbam() -> None:
     assert "identity init keeps the function: True" in out
     assert "8 of 8 gates moved" in out
     assert "rebuilt it: equal outputs True" in out
+
+
+def test_yolo_example_trains_reloads_and_exports_with_cbam(tmp_path: Path) -> None:
+    pytest.importorskip("ultralytics")
+    out = run_example("yolo_cbam.py", "--workdir", str(tmp_path), "--images", "4", env={"YOLO_OFFLINE": "1"})
+    assert "patched: 6 CBAM modules, e.g. model.2.m.0.cv2.cbam" in out
+    assert "reloaded with YOLO(path): 6 CBAM modules" in out
+    assert "exported:" in out and (tmp_path / "runs" / "train" / "weights" / "best.onnx").exists()

@@ -44,7 +44,17 @@ from torch import nn
 from ..errors import CBAMInsertError
 from ..modules import CBAM
 
-__all__ = ["PLACEMENTS", "CBAMHook", "cbam_modules", "is_yolo_checkpoint", "patch_model", "patch_yolo"]
+__all__ = [
+    "PLACEMENTS",
+    "CBAMHook",
+    "cbam_modules",
+    "from_checkpoint",
+    "is_yolo_checkpoint",
+    "is_yolo_model",
+    "patch_model",
+    "patch_yolo",
+    "write_checkpoint",
+]
 
 PLACEMENTS = ("block", "conv")
 RECORD = "cbam_yolo"
@@ -261,9 +271,43 @@ def patch_yolo(yolo: Any, after: str = "block", *, imgsz: int = 64, seed: int | 
     return yolo
 
 
+_CHECKPOINT = "_ultralytics_checkpoint"
+"""Where a model read from an Ultralytics checkpoint keeps the checkpoint's other entries (not a submodule)."""
+
+
+def is_yolo_model(model: Any) -> bool:
+    """Whether ``model`` is an Ultralytics task model (checked without importing ultralytics)."""
+    return (
+        isinstance(model, nn.Module)
+        and type(model).__module__.startswith("ultralytics.")
+        and isinstance(getattr(model, "model", None), nn.Sequential)
+        and hasattr(model, "yaml")
+    )
+
+
 def is_yolo_checkpoint(obj: Any) -> bool:
     """Whether ``obj`` is an Ultralytics checkpoint dict (``{"model" or "ema": <model>, ...}``)."""
-    if not isinstance(obj, dict):
-        return False
-    model = obj.get("ema") or obj.get("model")
-    return isinstance(model, nn.Module) and isinstance(getattr(model, "model", None), nn.Sequential) and hasattr(model, "yaml")
+    return isinstance(obj, dict) and is_yolo_model(obj.get("ema") or obj.get("model"))
+
+
+def from_checkpoint(obj: dict[str, Any]) -> nn.Module:
+    """The model of an Ultralytics checkpoint dict (its EMA when it has one), in float32; the other
+    entries (training arguments, metrics, version) go with it for ``write_checkpoint``."""
+    model = (obj.get("ema") or obj.get("model")).float()
+    model.__dict__[_CHECKPOINT] = {k: v for k, v in obj.items() if k not in ("model", "ema", "optimizer", "scaler")}
+    return model
+
+
+def write_checkpoint(model: nn.Module, path: str) -> None:
+    """``torch.save`` an Ultralytics checkpoint of ``model`` that ``YOLO(path)`` loads, keeping the
+    entries of the checkpoint it was read from."""
+    from datetime import datetime
+
+    from .. import __version__
+
+    extra = dict(model.__dict__.get(_CHECKPOINT, {}))
+    saved = copy.deepcopy(model)
+    saved.__dict__.pop(_CHECKPOINT, None)
+    ckpt = {**extra, "date": datetime.now().astimezone().isoformat(), "model": saved.half(), "ema": None,
+            "optimizer": None, "cbam_insert": __version__}  # fmt: skip
+    torch.save(ckpt, path)
