@@ -33,6 +33,7 @@ from torch import nn
 
 from . import __version__
 from .attrs import keep_through_deepcopy
+from .integrations.transformers import record_recipe
 from .errors import CBAMInsertError
 from .meta import meta_copy
 from .modules import CBAM
@@ -303,6 +304,7 @@ def insert_cbam(
     result.cbam_recipe = recipe.to_json()
     result.__dict__["_cbam_base"] = base  # not a submodule: kept out of state_dict and .to()
     keep_through_deepcopy(result)
+    record_recipe(result)  # a transformers model's config carries it into save_pretrained's config.json
     _match_devices(result)
     return result
 
