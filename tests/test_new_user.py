@@ -216,18 +216,21 @@ def test_piped_report_has_no_trailing_spaces():
 
 _STUB_PYTHON = """#!/usr/bin/env bash
 echo "$*" >> "$(dirname "$0")/../../calls.log"
-[ "$1" = "-c" ] && exit 1   # nothing installed yet
+case " $* " in *" -c "*) exec {base} "$@" ;; esac   # checks run on a Python where nothing is installed
 exit 0
 """
 
 
 def _setup_calls(tmp_path: Path, script: str) -> list[str]:
-    """The commands ``script`` runs against a fresh .venv (a stub that records them)."""
+    """The commands ``script`` runs in a fresh clone against a fresh .venv (a stub that records
+    them and runs the install checks on the base interpreter, where cbam_insert is not installed)."""
     repo = tmp_path / "clone"
     shutil.copytree(ROOT / "scripts", repo / "scripts")
+    shutil.copytree(ROOT / "cbam_insert", repo / "cbam_insert")  # a clone has the source tree
     stub = repo / ".venv" / "bin" / "python"
     stub.parent.mkdir(parents=True)
-    stub.write_text(_STUB_PYTHON)
+    base = Path(sys.base_prefix) / "bin" / "python3"
+    stub.write_text(_STUB_PYTHON.format(base=base if base.exists() else sys.executable))
     stub.chmod(0o755)
     cbam = repo / ".venv" / "bin" / "cbam-insert"
     cbam.write_text("#!/bin/sh\nexit 0\n")
