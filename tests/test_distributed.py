@@ -111,3 +111,26 @@ def test_torch_compile_trains_like_eager(monkeypatch: pytest.MonkeyPatch) -> Non
         torch.testing.assert_close(q, p, rtol=1e-3, atol=1e-4, msg=name)
     assert sum(isinstance(m, CBAM) for m in compiled_model.modules()) == 8
     torch._dynamo.reset()
+
+
+def test_fsdp2_training_follows_the_single_process_loss_curve() -> None:
+    """examples/fsdp2_cbam.py under torchrun: fully_shard (gloo, 2 CPU processes), each CBAM its own
+    unit, each rank half of every batch; rank 0 compares with one process on the whole batches."""
+    import subprocess
+    import sys
+
+    example = Path(__file__).resolve().parent.parent / "examples" / "fsdp2_cbam.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(example),
+         "--steps", "4"],
+        capture_output=True, text=True, timeout=600, env=env, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    lines = dict(line.split(": ", 1) for line in proc.stdout.splitlines() if ": " in line)
+    sharded = [float(v) for v in lines["fsdp2 losses"].split()]
+    single = [float(v) for v in lines["single-process losses"].split()]
+    assert len(sharded) == len(single) == 4
+    assert max(abs(a - b) for a, b in zip(sharded, single)) <= 1e-4
+    assert sharded[-1] != sharded[0]  # it trains
+    assert "6 CBAM modules as their own units" in proc.stdout
