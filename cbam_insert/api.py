@@ -33,8 +33,8 @@ from torch import nn
 
 from . import __version__
 from .attrs import keep_through_deepcopy
-from .integrations.transformers import record_recipe
 from .errors import CBAMInsertError
+from .integrations.transformers import record_recipe
 from .meta import meta_copy
 from .modules import CBAM
 from .recipe import Recipe, Selection, Step, describe_inputs, make_inputs

@@ -66,7 +66,9 @@ def _output_names(model: nn.Module, inputs: tuple[Any, ...]) -> list[str]:
 def _batched(inputs: tuple[Any, ...]) -> tuple[Any, ...]:
     """A batch of 2 where an input has a batch of 1: export fixes a size-1 dimension to 1."""
     return tuple(
-        x.expand(2, *x.shape[1:]).contiguous() if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[0] == 1 else x
+        x.expand(2, *x.shape[1:]).contiguous()
+        if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[0] == 1
+        else x
         for x in inputs
     )
 
@@ -160,7 +162,9 @@ def export_pt2(model: nn.Module, inputs: tuple[Any, ...], dynamic: bool = True) 
         if level == "batch+spatial" and set(found) - {"batch"} and not _runs_larger(program, example):
             continue  # symbolic, yet tied by a runtime check (a flatten into a linear layer)
         return program, ExportResult(found, names, [])
-    raise CBAMInsertError(f"torch.export failed ({errors[-1] if errors else 'no input it can export'}); try --format torchscript")
+    raise CBAMInsertError(
+        f"torch.export failed ({errors[-1] if errors else 'no input it can export'}); try --format torchscript"
+    )
 
 
 def _runs_larger(program: Any, inputs: tuple[Any, ...]) -> bool:

@@ -28,9 +28,9 @@ import torch
 from torch import nn
 
 from . import adapter
-from .integrations import ultralytics
 from .errors import CBAMInsertError, first_line, require
 from .formats import ARCH_HINT, PT_VERSION, RECIPE_KEY, RECIPE_SUFFIX, is_spec
+from .integrations import ultralytics
 from .recipe import Recipe
 from .specs import build_arch
 from .unpickle import unpickle

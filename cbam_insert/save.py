@@ -20,9 +20,9 @@ import torch
 from torch import fx, nn
 
 from . import adapter, patched
-from .integrations import ultralytics
 from .errors import CBAMInsertError, first_line, require
 from .formats import EXTENSIONS, FORMATS, PT_VERSION, RECIPE_KEY, RECIPE_SUFFIX
+from .integrations import ultralytics
 from .modes import in_mode
 from .recipe import Recipe, make_inputs
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
 
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+from PIL import Image
 
 
 def make_dataset(root: Path, n: int, size: int) -> Path:
@@ -42,7 +42,9 @@ def make_dataset(root: Path, n: int, size: int) -> Path:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", type=Path, default=None, help="where the dataset and runs go (default: a temp dir)")
+    parser.add_argument(
+        "--workdir", type=Path, default=None, help="where the dataset and runs go (default: a temp dir)"
+    )
     parser.add_argument("--imgsz", type=int, default=64)
     parser.add_argument("--images", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=1)

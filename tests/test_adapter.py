@@ -112,8 +112,6 @@ def test_remove_cbam_keeps_trained_weights_and_mode(patched):
     assert original.conv1.weight.data_ptr() != model.get_parameter("conv1.weight").data_ptr()
 
 
-
-
 def test_remove_cbam_of_a_partially_traced_model_restores_its_classes():
     torch.manual_seed(0)
     det = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_fpn(weights=None, weights_backbone=None).eval()
@@ -123,8 +121,9 @@ def test_remove_cbam_of_a_partially_traced_model_restores_its_classes():
     assert not any(isinstance(m, (CBAM, fx.GraphModule)) for m in original.modules())
     assert type(original.backbone.body) is type(det.backbone.body)
     with torch.no_grad():
-        a, b = original([torch.rand(3, 96, 96, generator=torch.Generator().manual_seed(2))]), det(
-            [torch.rand(3, 96, 96, generator=torch.Generator().manual_seed(2))]
+        a, b = (
+            original([torch.rand(3, 96, 96, generator=torch.Generator().manual_seed(2))]),
+            det([torch.rand(3, 96, 96, generator=torch.Generator().manual_seed(2))]),
         )
     assert torch.equal(a[0]["boxes"], b[0]["boxes"])
 

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 from torchvision import models as tvm
 
-from cbam_insert import CBAM, CBAMInsertError, insert_cbam, load_model, patched as patched_format, save_model
+from cbam_insert import CBAM, CBAMInsertError, insert_cbam, load_model, save_model
+from cbam_insert import patched as patched_format
 from cbam_insert.meta import meta_copy
 
 X = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))

@@ -12,8 +12,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
-from cbam_insert import CBAM, CBAMInsertError, insert_cbam  # noqa: E402
-from cbam_insert.integrations.transformers import CONFIG_KEY, from_pretrained  # noqa: E402
+from cbam_insert import CBAM, CBAMInsertError, insert_cbam
+from cbam_insert.integrations.transformers import CONFIG_KEY, from_pretrained
 
 X = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
 

@@ -13,11 +13,11 @@ import torch
 os.environ.setdefault("YOLO_OFFLINE", "1")
 ultralytics = pytest.importorskip("ultralytics")
 
-from _yolo_data import classify_dataset, detect_dataset  # noqa: E402
-from ultralytics import YOLO  # noqa: E402
+from _yolo_data import classify_dataset, detect_dataset
+from ultralytics import YOLO
 
-from cbam_insert import CBAM, CBAMInsertError, load_model  # noqa: E402
-from cbam_insert.integrations import ultralytics as ucbam  # noqa: E402
+from cbam_insert import CBAM, CBAMInsertError, load_model
+from cbam_insert.integrations import ultralytics as ucbam
 
 IMG = 64
 TRAIN = {"epochs": 1, "imgsz": IMG, "batch": 4, "workers": 0, "amp": False, "plots": False, "verbose": False,

@@ -87,13 +87,19 @@ def from_pretrained(model_cls: Any, path: str | Path, **config_kwargs: Any) -> n
     own = model.state_dict()
     unexpected = sorted(set(state) - set(own))
     if unexpected:
-        raise CBAMInsertError(f"{path}: the weights do not fit the patched {model_cls.__name__}: {unexpected[0]} is unexpected")
+        raise CBAMInsertError(
+            f"{path}: the weights do not fit the patched {model_cls.__name__}: {unexpected[0]} is unexpected"
+        )
     bad = [k for k in state if tuple(state[k].shape) != tuple(own[k].shape)]
     if bad:
-        raise CBAMInsertError(f"{path}: {bad[0]} has shape {tuple(state[bad[0]].shape)} in the file, {tuple(own[bad[0]].shape)} in the model")
+        raise CBAMInsertError(
+            f"{path}: {bad[0]} has shape {tuple(state[bad[0]].shape)} in the file, {tuple(own[bad[0]].shape)} in the model"
+        )
     model.load_state_dict(state, strict=False)
     loaded = {own[k].data_ptr() for k in state}
     missing = [k for k in own if k not in state and own[k].data_ptr() not in loaded]  # tied weights are not missing
     if missing:
-        raise CBAMInsertError(f"{path}: the weights lack {len(missing)} tensor(s) of the patched model (e.g. {missing[0]})")
+        raise CBAMInsertError(
+            f"{path}: the weights lack {len(missing)} tensor(s) of the patched model (e.g. {missing[0]})"
+        )
     return model.eval()

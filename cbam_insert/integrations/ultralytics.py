@@ -171,13 +171,17 @@ def patch_model(
     from ..api import CBAM_OPTIONS
 
     if not isinstance(after, str) or not after.strip():
-        raise CBAMInsertError(f"after must be one of {', '.join(PLACEMENTS)} or a module name / glob / class, got {after!r}")
+        raise CBAMInsertError(
+            f"after must be one of {', '.join(PLACEMENTS)} or a module name / glob / class, got {after!r}"
+        )
     unknown = sorted(set(cbam_options) - set(CBAM_OPTIONS))
     if unknown:
         raise CBAMInsertError(f"unknown CBAM option(s) {', '.join(unknown)}; valid: {', '.join(CBAM_OPTIONS)}")
     targets = _targets(model, after)
     if not targets:
-        raise CBAMInsertError(f"no site for after={after!r} in {type(model).__name__}; placements: {', '.join(PLACEMENTS)}")
+        raise CBAMInsertError(
+            f"no site for after={after!r} in {type(model).__name__}; placements: {', '.join(PLACEMENTS)}"
+        )
     fresh = [t for t in targets if not _has_cbam(model.get_submodule(t))]
     record = getattr(model, RECORD, None)
     if not fresh:
@@ -253,7 +257,9 @@ def _install_train(yolo: Any) -> None:
     object.__setattr__(yolo, "train", train)
 
 
-def patch_yolo(yolo: Any, after: str = "block", *, imgsz: int = 64, seed: int | None = None, **cbam_options: Any) -> Any:
+def patch_yolo(
+    yolo: Any, after: str = "block", *, imgsz: int = 64, seed: int | None = None, **cbam_options: Any
+) -> Any:
     """Patch an ``ultralytics.YOLO`` in place (see the module docstring) and return it.
 
     ``cbam_options`` go to ``CBAM`` (``reduction``, ``kernel_size``, ``init="identity"`` for
