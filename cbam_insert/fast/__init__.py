@@ -37,10 +37,17 @@ def fusable(cbam: Any) -> bool:
     )
 
 
+def _autocast(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type autocast does not know (meta)
+        return False
+
+
 def attend(cbam: Any, x: torch.Tensor) -> torch.Tensor | None:
     """``CBAM``'s attention on a fast path (before any identity gate), or None for the plain path."""
-    if not cbam._fast or tracing() or type(x) is not torch.Tensor:
-        return None
+    if not cbam._fast or tracing() or type(x) is not torch.Tensor or _autocast(x.device.type):
+        return None  # under autocast (AMP) the plain ops get autocast's per-op dtypes
     if torch.is_grad_enabled():
         params = [p for p in cbam.parameters() if p is not cbam.gamma]
         if x.requires_grad or any(p.requires_grad for p in params):
