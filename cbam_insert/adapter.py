@@ -121,6 +121,10 @@ def remove_cbam(model: nn.Module) -> nn.Module:
     (trained or not); the result computes what the original architecture computes with them. Its
     training mode, devices and dtypes follow ``model``; ``model`` itself is not changed.
     """
+    from .integrations import ultralytics
+
+    if ultralytics.is_yolo_model(model) and ultralytics.cbam_modules(model):
+        return ultralytics.unpatch_model(model)
     base = model.__dict__.get("_cbam_base")
     if base is None or not isinstance(getattr(model, "cbam_recipe", None), dict):
         raise CBAMInsertError(

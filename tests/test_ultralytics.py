@@ -213,3 +213,18 @@ def test_cli_patches_an_ultralytics_checkpoint_into_one_ultralytics_loads(tmp_pa
     assert torch.allclose(_out(again, x), _out(yolo.model, x), atol=1e-3)
     res = CliRunner().invoke(app, [str(out), "-o", str(tmp_path / "y.onnx"), "--json"])
     assert res.exit_code == 0, res.output
+
+
+def test_remove_cbam_gives_back_the_plain_yolo_model():
+    from cbam_insert import remove_cbam
+
+    yolo = YOLO("yolov8n.yaml")
+    before = yolo.model.state_dict()
+    x = torch.rand(1, 3, IMG, IMG)
+    plain = _features(yolo.model, x)
+    ucbam.patch_yolo(yolo, seed=0)
+    original = remove_cbam(yolo.model)
+    assert _count(original) == 0 and _count(yolo.model) == 6
+    assert list(original.state_dict()) == list(before)
+    assert not any(isinstance(h, ucbam.CBAMHook) for m in original.modules() for h in m._forward_hooks.values())
+    assert torch.equal(_features(original, x), plain)

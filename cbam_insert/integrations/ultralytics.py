@@ -53,6 +53,7 @@ __all__ = [
     "is_yolo_model",
     "patch_model",
     "patch_yolo",
+    "unpatch_model",
     "write_checkpoint",
 ]
 
@@ -228,6 +229,20 @@ def _replay(model: nn.Module, record: dict[str, Any], source: nn.Module) -> None
     with torch.no_grad():
         for k, v in cbam_state.items():
             ours[k].copy_(v)
+
+
+def unpatch_model(model: nn.Module) -> nn.Module:
+    """A copy of a patched Ultralytics model without its CBAM modules and hooks: the original
+    modules, state-dict keys and outputs."""
+    out = copy.deepcopy(model)
+    for mod in out.modules():
+        for key, hook in list(mod._forward_hooks.items()):
+            if isinstance(hook, CBAMHook):
+                del mod._forward_hooks[key]
+        if _has_cbam(mod):
+            del mod._modules["cbam"]
+    out.__dict__.pop(RECORD, None)
+    return out
 
 
 def _trainer_class(base: type, yolo: Any) -> type:
