@@ -228,3 +228,17 @@ def test_remove_cbam_gives_back_the_plain_yolo_model():
     assert list(original.state_dict()) == list(before)
     assert not any(isinstance(h, ucbam.CBAMHook) for m in original.modules() for h in m._forward_hooks.values())
     assert torch.equal(_features(original, x), plain)
+
+
+@pytest.mark.parametrize(("cfg", "n"), [("yolo11n.yaml", 11), ("yolo26n.yaml", 13), ("yolov8n-pose.yaml", 6),
+                                        ("yolov8n-obb.yaml", 6)])  # fmt: skip
+def test_other_generations_and_heads_patch_fuse_and_copy(cfg, n):
+    """Forward, fuse and deepcopy only (training is covered above for detect, segment, classify)."""
+    import copy
+
+    yolo = ucbam.patch_yolo(YOLO(cfg), seed=0)
+    assert len(ucbam.cbam_modules(yolo.model)) == n
+    x = torch.rand(1, 3, IMG, IMG)
+    ref = _features(yolo.model, x)
+    fused = copy.deepcopy(yolo.model).fuse(verbose=False)
+    assert _count(fused) == n and _rel(_features(fused, x), ref) < 1e-3
