@@ -27,14 +27,17 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import fast
+from .options import ModuleConfig, odd, option, positive
 
-__all__ = ["CBAM", "INITS", "ORDERS", "POOL_TYPES", "VARIANTS", "ChannelAttention", "SpatialAttention"]
+__all__ = ["CBAM", "INITS", "ORDERS", "POOL_TYPES", "VARIANTS", "CBAMConfig", "ChannelAttention", "SpatialAttention"]
 
 POOL_TYPES = ("avg", "max", "lp", "lse")
 ORDERS = ("channel_first", "spatial_first", "parallel")
@@ -203,6 +206,47 @@ class SpatialAttention(nn.Module):
         return torch.sigmoid(self.logits(x))
 
 
+def _pool_types(name: str, value: tuple[str, ...]) -> None:
+    for p in value:
+        if p not in POOL_TYPES:
+            raise ValueError(f"{name}: unknown pooling type {p!r}; choose from {POOL_TYPES}")
+
+
+@dataclass(frozen=True)
+class CBAMConfig(ModuleConfig):
+    module: ClassVar[str] = "cbam"
+    reduction: int = option(
+        16, "CBAM: channel MLP reduction, hidden width max(1, C // R)", check=positive, metavar="R", example="8"
+    )
+    hidden: int | None = option(
+        None, "CBAM: exact MLP hidden width instead of C // R", check=positive, metavar="H", example="32"
+    )
+    kernel_size: int = option(7, "CBAM/GAM/triplet: odd spatial kernel", check=odd, metavar="K", example="3")
+    pool_types: tuple[str, ...] = option(
+        ("avg", "max"), "CBAM: channel-branch pooling, comma-separated from avg, max, lp, lse",
+        check=_pool_types, metavar="LIST", example="avg,max,lp",
+    )  # fmt: skip
+    channel: bool = option(True, "CBAM: the channel gate (--no-channel: spatial attention only)")
+    spatial: bool = option(True, "CBAM: the spatial gate (--no-spatial: channel attention only)")
+    order: str = option(
+        "channel_first", "CBAM: channel_first (the paper), spatial_first, or parallel (both gates from the input)",
+        choices=ORDERS, metavar="ORDER", example="parallel",
+    )  # fmt: skip
+    variant: str = option(
+        "plain", "CBAM: plain (bias-free MLP and conv) or official (the authors' code: MLP biases, [max; mean] "
+        "spatial input, BatchNorm after the spatial conv)", choices=VARIANTS, metavar="NAME",
+        example="official", aliases=_OLD_VARIANT_NAMES,
+    )  # fmt: skip
+    mlp_bias: bool | None = option(None, "CBAM: override the variant's choice of MLP biases")
+    spatial_norm: bool | None = option(
+        None, "CBAM: override the variant's choice of a BatchNorm after the spatial conv"
+    )
+
+    def check(self) -> None:
+        if not (self.channel or self.spatial):
+            raise ValueError("channel and spatial cannot both be False: CBAM would do nothing")
+
+
 class CBAM(nn.Module):
     """Convolutional Block Attention Module (Woo et al., ECCV 2018) for 1-D, 2-D and 3-D maps.
 
@@ -210,7 +254,7 @@ class CBAM(nn.Module):
     spatial conv, spatial input ``[mean ; max]``, channel then spatial. It has
     ``2*C*max(1, C//16) + 2*k*k`` parameters.
 
-    Options (keyword arguments, validated at construction):
+    Options (keyword arguments, declared once by ``CBAMConfig`` and validated there):
 
     * ``reduction`` or ``hidden``: MLP width ``max(1, C // reduction)`` or exactly ``hidden``.
     * ``kernel_size``: odd spatial kernel (7 default, 3 common).
@@ -246,40 +290,16 @@ class CBAM(nn.Module):
     """
 
     def __init__(
-        self,
-        channels: int,
-        reduction: int = 16,
-        *,
-        hidden: int | None = None,
-        kernel_size: int = 7,
-        pool_types: Sequence[str] = ("avg", "max"),
-        channel: bool = True,
-        spatial: bool = True,
-        order: str = "channel_first",
-        variant: str = "plain",
-        mlp_bias: bool | None = None,
-        spatial_norm: bool | None = None,
-        dims: int = 2,
-        init: str = "default",
-        reuse_input: bool = False,
+        self, channels: int, reduction: int = 16, *, dims: int = 2, reuse_input: bool = False, **options: Any
     ) -> None:
         super().__init__()
         self.channels = _check_positive_int("channels", channels)
         self.dims = _check_dims(dims)
-        variant = _OLD_VARIANT_NAMES.get(variant, variant) if isinstance(variant, str) else variant
-        if variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-        if order not in ORDERS:
-            raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
-        if init not in INITS:
-            raise ValueError(f"init must be one of {INITS}, got {init!r}")
-        _check_bool("channel", channel)
-        _check_bool("spatial", spatial)
-        _check_bool("mlp_bias", mlp_bias, optional=True)
-        _check_bool("spatial_norm", spatial_norm, optional=True)
         _check_bool("reuse_input", reuse_input)
-        if not (channel or spatial):
-            raise ValueError("channel and spatial cannot both be False: CBAM would do nothing")
+        cfg = CBAMConfig.from_options({"reduction": reduction, **options})  # every option, checked once
+        self.config = cfg
+        variant, order, init = cfg.variant, cfg.order, cfg.init
+        mlp_bias, spatial_norm = cfg.mlp_bias, cfg.spatial_norm
         official = variant == "official"
         self.variant = variant
         self.order = order
@@ -287,22 +307,22 @@ class CBAM(nn.Module):
         self.channel_gate = (
             ChannelAttention(
                 channels,
-                reduction,
-                hidden=hidden,
-                pool_types=pool_types,
+                cfg.reduction,
+                hidden=cfg.hidden,
+                pool_types=cfg.pool_types,
                 bias=official if mlp_bias is None else mlp_bias,
             )
-            if channel
+            if cfg.channel
             else None
         )
         self.spatial_gate = (
             SpatialAttention(
-                kernel_size,
+                cfg.kernel_size,
                 dims=self.dims,
                 norm=official if spatial_norm is None else spatial_norm,
                 order="max_mean" if official else "mean_max",
             )
-            if spatial
+            if cfg.spatial
             else None
         )
         self._fast = fast.fusable(self)  # the paper's configuration, which has fused paths
