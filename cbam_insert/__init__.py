@@ -10,7 +10,8 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree wi
     __version__ = "0.0.0+unknown"
 
 from .adapter import remove_cbam
-from .api import PatchReport, apply_recipe, find_sites, insert_cbam
+from .api import PatchReport, apply_recipe, find_sites, insert_attention, insert_cbam
+from .attention import ATTENTION
 from .errors import CBAMInsertError
 from .load import load_model
 from .modules import CBAM, ChannelAttention, SpatialAttention
@@ -18,6 +19,7 @@ from .save import save_model
 from .sites import Site
 
 __all__ = [
+    "ATTENTION",
     "CBAM",
     "CBAMInsertError",
     "ChannelAttention",
@@ -27,6 +29,7 @@ __all__ = [
     "__version__",
     "apply_recipe",
     "find_sites",
+    "insert_attention",
     "insert_cbam",
     "load_model",
     "remove_cbam",

@@ -1,4 +1,4 @@
-"""The public Python API: ``find_sites`` and ``insert_cbam``.
+"""The public Python API: ``find_sites``, ``insert_attention`` and ``insert_cbam``.
 
 Example::
 
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -32,21 +31,21 @@ import torch
 from torch import nn
 
 from . import __version__
+from .attention import ModuleChoice, check_keeps_shape, choose, is_attention
 from .attrs import keep_through_deepcopy
 from .errors import CBAMInsertError
 from .integrations.transformers import record_recipe
 from .meta import meta_copy
-from .modules import CBAM
+from .modules import CBAMConfig
+from .options import declared
 from .recipe import Recipe, Selection, Step, describe_inputs, make_inputs
 from .sites import PLACEMENTS, Site, find_unit_sites, select_sites
 from .splice import set_submodule, splice_unit
 from .trace import TraceResult, infer_example_inputs, trace_units
 
-__all__ = ["CBAM_OPTIONS", "NoSiteError", "PatchReport", "apply_recipe", "find_sites", "insert_cbam"]
+__all__ = ["CBAM_OPTIONS", "NoSiteError", "PatchReport", "apply_recipe", "find_sites", "insert_attention", "insert_cbam"]
 
-CBAM_OPTIONS = tuple(
-    p for p in inspect.signature(CBAM.__init__).parameters if p not in ("self", "channels", "dims", "reuse_input")
-)
+CBAM_OPTIONS = tuple(o.name for o in declared(CBAMConfig))
 
 
 @dataclass
@@ -59,6 +58,7 @@ class PatchReport:
     modules: list[str]
     traced: list[str]
     untraced: list[tuple[str, str]] = field(default_factory=list)
+    module: str = "cbam"  # the registry name or the user class's import path
 
     @property
     def used(self) -> list[Site]:
@@ -214,11 +214,21 @@ def _kept_none(model: nn.Module, after: str, candidates: list[Site], sel: Select
     )
 
 
-def insert_cbam(
+def insert_cbam(model: nn.Module, after: str = "block", example_inputs: Any = None, **kwargs: Any) -> nn.Module:
+    """``insert_attention(model, after, example_inputs, module="cbam", **kwargs)``: CBAM at every
+    selected site. The keywords are ``insert_attention``'s; CBAM's options are ``reduction``,
+    ``kernel_size``, ``variant``, ``init``, … (declared by ``cbam_insert.modules.CBAMConfig``)."""
+    if "module" in kwargs:
+        raise CBAMInsertError("insert_cbam inserts CBAM; use insert_attention(model, module=...) for another module")
+    return insert_attention(model, after, example_inputs, module="cbam", **kwargs)
+
+
+def insert_attention(
     model: nn.Module,
     after: str = "block",
     example_inputs: Any = None,
     *,
+    module: Any = "cbam",
     include: str | Sequence[str] | None = None,
     exclude: str | Sequence[str] | None = None,
     stages: tuple[int, int] | int | None = None,
@@ -229,13 +239,22 @@ def insert_cbam(
     allow_repatch: bool = False,
     seed: int | None = None,
     reuse_input: bool = True,
-    **cbam_options: Any,
+    trust: bool = True,
+    **module_options: Any,
 ) -> nn.Module:
-    """Return ``model`` with a CBAM module spliced in at every selected site.
+    """Return ``model`` with an attention module spliced in at every selected site.
+
+    ``module`` is a name from ``cbam_insert.ATTENTION`` (``"cbam"``, ``"se"``, ``"eca"``,
+    ``"coord"``, ``"simam"``, ``"bam"``, ``"gam"``, ``"triplet"``), an import path
+    ``"pkg.mod:Class"``, or a class / factory called as ``factory(channels)`` (with ``dims=``
+    too when it accepts it); a user module is run once at each site on a map of the site's
+    shape and refused unless it keeps that shape. ``module_options`` are the module's declared
+    options (``cbam_insert.attention.SEConfig``, …; for a user class, its keyword arguments);
+    ``init="identity"`` works for every module. ``trust=False`` refuses to import a user class
+    named by a path (``apply_recipe`` of a recipe from a file).
 
     ``after`` is a placement (``"conv"``, ``"block"``, ``"stage"``) or a module name, glob,
-    regex (``re:`` prefix) or class name. ``cbam_options`` go to ``CBAM`` (``reduction``,
-    ``kernel_size``, ``variant``, ``init``, …). The input model is not modified unless
+    regex (``re:`` prefix) or class name. The input model is not modified unless
     ``inplace=True``; then untraceable models have their traceable submodules replaced in
     place, and a fully traced model's modules are shared with the result.
 
@@ -251,14 +270,10 @@ def insert_cbam(
     _check_after(after)
     if not isinstance(reuse_input, bool):
         raise CBAMInsertError(f"reuse_input must be True or False, got {reuse_input!r}")
-    unknown = sorted(set(cbam_options) - set(CBAM_OPTIONS))
-    if unknown:
-        raise CBAMInsertError(f"unknown CBAM option(s) {', '.join(unknown)}; valid: {', '.join(CBAM_OPTIONS)}")
     try:
-        with torch.device("meta"):  # validates the options without drawing from the global RNG
-            CBAM(16, **cbam_options)
-    except (ValueError, TypeError) as exc:
-        raise CBAMInsertError(str(exc)) from exc
+        choice = choose(module, module_options, trust=trust)  # every option checked here, once
+    except ValueError as exc:
+        raise CBAMInsertError(str(exc)) from None
     sel = _selection(include, exclude, stages, every, max_sites, min_channels)
     inputs = _inputs(model, example_inputs)
     previous = copy.deepcopy(getattr(model, "cbam_recipe", None))
@@ -267,6 +282,7 @@ def insert_cbam(
         base = meta_copy(model, keep_non_persistent=True)
     work = model if inplace else copy.deepcopy(model)
     traced, sites = _plan(work, after, inputs, sel)
+    sites = [_for_module(s, choice) for s in sites]
     if allow_repatch:
         sites = [_allow(s) for s in sites]
     used = [s for s in sites if s.used]
@@ -277,20 +293,27 @@ def insert_cbam(
         if seed is not None:
             torch.manual_seed(seed)
 
-        def make(site: Site) -> CBAM:
-            cbam = CBAM(site.channels, dims=len(site.shape) - 2, **cbam_options)
-            return cbam.to(dtype=getattr(torch, site.dtype) if site.dtype else None)
+        def make(site: Site) -> nn.Module:
+            dtype = getattr(torch, site.dtype) if site.dtype else None
+            try:
+                made = choice.build(site.channels, len(site.shape) - 2).to(dtype=dtype)
+                if choice.user:
+                    check_keeps_shape(made, tuple(site.shape), dtype, site.name)
+            except ValueError as exc:
+                raise CBAMInsertError(str(exc)) from None
+            return made
 
         result, modules = _splice_all(work, traced, sites, make, reuse_input)
     actual = iter(modules)  # the names splicing gave, in site order (``_2`` after a repatch)
     sites = [replace(s, module_name=next(actual)) if s.used else s for s in sites]
-    report = PatchReport(after, sites, modules, [u.path or "<model>" for u in traced.units], traced.skipped)
+    report = PatchReport(after, sites, modules, [u.path or "<model>" for u in traced.units], traced.skipped, choice.key)
     step = Step(
         after=after,
         modules=tuple(report.modules),
         example_inputs=describe_inputs(inputs),
         selection=sel,
-        cbam=dict(cbam_options),
+        options=choice.options,
+        module=choice.key,
         allow_repatch=allow_repatch,
         seed=seed,
         reuse_input=reuse_input,
@@ -309,9 +332,23 @@ def insert_cbam(
     return result
 
 
+def _for_module(site: Site, choice: ModuleChoice) -> Site:
+    """The site with the module's name prefix (``layer1.0.se_add``), skipped where the module
+    does not handle the map's rank."""
+    if choice.prefix != "cbam":
+        parent, _, leaf = site.module_name.rpartition(".")
+        leaf = choice.prefix + leaf[len("cbam") :] if leaf.startswith("cbam_") else leaf
+        site = replace(site, module_name=f"{parent}.{leaf}" if parent else leaf)
+    if site.used and site.shape:
+        why = choice.refusal(len(site.shape) - 2)
+        if why is not None:
+            site = replace(site, used=False, reason=why)
+    return site
+
+
 def _allow(site: Site) -> Site:
-    if not site.used and site.reason.startswith("already has CBAM"):
-        return replace(site, used=True, reason="another CBAM (allow_repatch)")
+    if not site.used and site.reason.startswith("already has "):
+        return replace(site, used=True, reason="another attention module (allow_repatch)")
     return site
 
 
@@ -333,28 +370,40 @@ def _splice_all(
 
 
 def _match_devices(model: nn.Module) -> None:
-    """Each CBAM module takes the device of the parameters around it."""
-    for name, mod in model.named_modules():
-        if not isinstance(mod, CBAM):
-            continue
-        parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-        ref = next((p for n, p in parent.named_parameters() if "cbam" not in n), None)
+    """Each inserted module takes the device of the parameters around it (not its own or another
+    inserted module's)."""
+    new = {name for name, mod in model.named_modules() if is_attention(mod)}
+    for name in sorted(new):
+        mod = model.get_submodule(name)
+        parent_name = name.rpartition(".")[0]
+        parent = model.get_submodule(parent_name) if parent_name else model
+        prefix = f"{parent_name}." if parent_name else ""
+
+        def inside_attention(pname: str, prefix: str = prefix) -> bool:
+            parts = (prefix + pname).split(".")
+            return any(".".join(parts[:i]) in new for i in range(1, len(parts)))
+
+        ref = next((p for n, p in parent.named_parameters() if not inside_attention(n)), None)
         if ref is not None:
             mod.to(device=ref.device)
 
 
-def apply_recipe(model: nn.Module, recipe: dict[str, Any] | Recipe, inplace: bool = False) -> nn.Module:
+def apply_recipe(
+    model: nn.Module, recipe: dict[str, Any] | Recipe, inplace: bool = False, trust: bool = False
+) -> nn.Module:
     """Replay a recipe on a freshly built copy of the architecture it was made on.
 
     Same recipe and same architecture give the same module names, so a state dict saved from
     the patched model loads into the result. A recipe that does not fit raises an error that
-    names the first module that differs.
+    names the first module that differs. A step that builds a user class (``"module":
+    "pkg.mod:Class"``) replays only with ``trust=True``: building the class runs its code.
+    Recipes written before other modules existed (``"cbam": {...}``) replay as CBAM.
     """
     parsed = Recipe.from_json(recipe)
     out = model
     for i, step in enumerate(parsed.steps):
         sel = step.selection
-        out = insert_cbam(
+        out = insert_attention(
             out,
             step.after,
             make_inputs(step.example_inputs),
@@ -368,14 +417,16 @@ def apply_recipe(model: nn.Module, recipe: dict[str, Any] | Recipe, inplace: boo
             allow_repatch=step.allow_repatch,
             seed=step.seed,
             reuse_input=step.reuse_input,
-            **step.cbam,
+            module=step.module,
+            trust=trust,
+            **step.options,
         )
         got = out.cbam_report.modules
         if tuple(got) != step.modules:
             missing = sorted(set(step.modules) - set(got)) or sorted(set(got) - set(step.modules))
             raise CBAMInsertError(
                 f"the recipe does not fit this architecture: module {missing[0] if missing else '?'} differs "
-                f"({len(got)} CBAM modules here, {len(step.modules)} in the recipe); build the same architecture"
+                f"({len(got)} attention modules here, {len(step.modules)} in the recipe); build the same architecture"
             )
     out.cbam_recipe = parsed.to_json()
     return out

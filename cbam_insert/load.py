@@ -20,6 +20,7 @@ TorchScript archives, ``torch.export`` programs and ONNX files are refused with 
 from __future__ import annotations
 
 import json
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -64,9 +65,9 @@ def load_model(source: str | Path, arch: str | nn.Module | None = None, trust: b
         if adapter.is_adapter(path):
             return adapter.load_adapter(path, arch)
         state, recipe = _read_safetensors(path)
-        model = _weights_into(arch, state, recipe, path)
+        model = _weights_into(arch, state, recipe, path, trust)
     else:
-        model = _from_object(unpickle(path, kind, trust), path, arch)
+        model = _from_object(unpickle(path, kind, trust), path, arch, trust)
     return model
 
 
@@ -108,11 +109,11 @@ def _sniff(path: Path) -> str:
     )
 
 
-def _from_object(obj: Any, path: Path, arch: str | nn.Module | None) -> nn.Module:
+def _from_object(obj: Any, path: Path, arch: str | nn.Module | None, trust: bool = False) -> nn.Module:
     if isinstance(obj, dict) and isinstance(obj.get("cbam_insert"), dict):
         if arch is not None:
             raise CBAMInsertError(f"{path}: holds a whole patched model; drop --arch")
-        return _rebuild(obj, path)
+        return _rebuild(obj, path, trust)
     if ultralytics.is_yolo_checkpoint(obj):
         if arch is not None:
             raise CBAMInsertError(f"{path}: an Ultralytics checkpoint holds its model; drop --arch")
@@ -127,7 +128,7 @@ def _from_object(obj: Any, path: Path, arch: str | nn.Module | None) -> nn.Modul
             raise CBAMInsertError(
                 f"{path}: holds only a state dict ({len(state)} tensors), no architecture; give it with {ARCH_HINT}"
             )
-        return _weights_into(arch, state, _sidecar_recipe(path), path)
+        return _weights_into(arch, state, _sidecar_recipe(path), path, trust)
     if isinstance(obj, torch.Tensor):
         raise CBAMInsertError(f"{path}: holds a single tensor of shape {tuple(obj.shape)}, not a model or a state dict")
     if isinstance(obj, dict):
@@ -187,7 +188,11 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, An
 
 
 def _weights_into(
-    arch: str | nn.Module | None, state: dict[str, torch.Tensor], recipe: dict[str, Any] | None, path: Path
+    arch: str | nn.Module | None,
+    state: dict[str, torch.Tensor],
+    recipe: dict[str, Any] | None,
+    path: Path,
+    trust: bool = False,
 ) -> nn.Module:
     if arch is None:
         raise CBAMInsertError(
@@ -195,9 +200,13 @@ def _weights_into(
         )
     model = build_arch(arch) if isinstance(arch, str) else arch
     if recipe is not None:
-        model = _replay(model, recipe, path)
+        model = _replay(model, recipe, path, trust)
     _load_state(model, state, path, recipe is not None)
     return model
+
+
+_INSERTED = re.compile(r"(^|\.)(cbam|se|eca|coord|simam|bam|gam|triplet|attn)_[^.]+\.")
+"""A state-dict key inside a module this tool inserts (``layer1.0.cbam_add.…``, ``layer1.0.se_add.…``)."""
 
 
 def _load_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path, has_recipe: bool) -> None:
@@ -212,8 +221,8 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path, ha
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
         hint = ""
-        if not has_recipe and any("cbam" in k for k in unexpected):
-            hint = (f"; the weights hold CBAM modules but no recipe was found (safetensors metadata, or "
+        if not has_recipe and any(_INSERTED.search(k) for k in unexpected):
+            hint = (f"; the weights hold attention modules but no recipe was found (safetensors metadata, or "
                     f"{path.name}{RECIPE_SUFFIX} beside the file)")  # fmt: skip
         elif not has_recipe and all(k.startswith("module.") for k in unexpected):
             hint = "; the keys start with 'module.' (saved from DataParallel): strip that prefix"
@@ -233,7 +242,7 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path, ha
     model.load_state_dict(state, strict=True)
 
 
-def _rebuild(obj: dict[str, Any], path: Path) -> nn.Module:
+def _rebuild(obj: dict[str, Any], path: Path, trust: bool = False) -> nn.Module:
     """A patched model from this tool's ``pt`` file: structure, recipe replayed, weights loaded."""
     info = obj["cbam_insert"]
     if info.get("format") != "pt" or not isinstance(info.get("version"), int):
@@ -248,23 +257,25 @@ def _rebuild(obj: dict[str, Any], path: Path) -> nn.Module:
         recipe_dict = json.loads(recipe)
     except ValueError:
         raise CBAMInsertError(f"{path}: a damaged cbam-insert file (its recipe is not JSON)") from None
-    model = _replay(base, recipe_dict, path)
+    model = _replay(base, recipe_dict, path, trust)
     _load_state(model, state, path, True)
     model.train(bool(info.get("training", False)))
     return model
 
 
-def _replay(model: nn.Module, recipe: Any, path: Path) -> nn.Module:
+def _replay(model: nn.Module, recipe: Any, path: Path, trust: bool = False) -> nn.Module:
     """``apply_recipe`` on ``model`` in place, after checking that the file's recipe is well formed.
 
     A recipe comes from a file, so a malformed one is the file's fault (one line, not a traceback),
-    and its example inputs are bounded: they are allocated to replay the patch.
+    and its example inputs are bounded: they are allocated to replay the patch. A step that builds
+    a user's attention class (``"module": "pkg.mod:Class"``) runs that class's code: only with
+    ``trust``.
     """
     from .api import apply_recipe
 
     try:
         parsed = Recipe.from_json(recipe)
-        return apply_recipe(model, parsed, inplace=True)
+        return apply_recipe(model, parsed, inplace=True, trust=trust)
     except CBAMInsertError as exc:
         raise CBAMInsertError(f"{path}: {exc}") from None
 

@@ -100,13 +100,15 @@ class Selection:
 
 @dataclass(frozen=True)
 class Step:
-    """One ``insert_cbam`` call: placement, selection, module options, and the module names it made."""
+    """One ``insert_attention`` call: placement, selection, the attention module (a registry name or
+    a user class's import path) and its options, and the module names it made."""
 
     after: str
     modules: tuple[str, ...]
     example_inputs: Any
     selection: Selection = field(default_factory=Selection)
-    cbam: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
+    module: str = "cbam"
     allow_repatch: bool = False
     seed: int | None = None
     reuse_input: bool = True
@@ -121,9 +123,13 @@ class Step:
         modules = d.get("modules")
         if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
             raise _bad(f"step {index + 1}: 'modules' must be a list of module names")
-        cbam = d.get("cbam", {})
-        if not isinstance(cbam, dict) or not all(isinstance(k, str) for k in cbam):
-            raise _bad(f"step {index + 1}: 'cbam' must be an object of options")
+        key = "options" if "options" in d else "cbam"  # "cbam": recipes written before other modules
+        options = d.get(key, {})
+        if not isinstance(options, dict) or not all(isinstance(k, str) for k in options):
+            raise _bad(f"step {index + 1}: {key!r} must be an object of options")
+        module = d.get("module", "cbam")
+        if not isinstance(module, str) or not module or len(module) > 256:
+            raise _bad(f"step {index + 1}: 'module' must be a module name or pkg.mod:Class")
         example = d.get("example_inputs")
         size = input_elements(example)
         if size is None:
@@ -139,14 +145,16 @@ class Step:
             modules=tuple(modules),
             example_inputs=example,
             selection=Selection.from_json(d.get("selection")),
-            cbam=dict(cbam),
+            options=dict(options),
+            module=module,
             allow_repatch=d.get("allow_repatch", False),
             seed=_int(d.get("seed"), f"step {index + 1}: seed", 0, (1 << 64) - 1, optional=True),
             reuse_input=reuse,
         )
 
     def to_json(self) -> dict[str, Any]:
-        return {"after": self.after, "selection": self.selection.to_json(), "cbam": dict(self.cbam),
+        return {"after": self.after, "selection": self.selection.to_json(), "module": self.module,
+                "options": dict(self.options),
                 "allow_repatch": self.allow_repatch, "seed": self.seed, "reuse_input": self.reuse_input,
                 "example_inputs": self.example_inputs, "modules": list(self.modules)}  # fmt: skip
 

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .attention import Attention, is_attention
 from .modules import CBAM
 from .recipe import Selection
 from .trace import FROZEN_NORMS, TensorInfo, Unit, is_add, node_key
@@ -103,6 +104,7 @@ _AXIS1_MODULES: tuple[type, ...] = (
     nn.PixelUnshuffle,
     nn.ChannelShuffle,
     CBAM,
+    Attention,
 )
 _LAST_AXIS_MODULES: tuple[type, ...] = (nn.Linear, nn.LayerNorm, nn.Embedding, nn.Bilinear, nn.RMSNorm)
 _NORM_MODULES: tuple[type, ...] = (
@@ -329,10 +331,17 @@ class _Analysis:
 
     def followed_by_cbam(self, n: fx.Node) -> bool:
         users = list(n.users)
-        return len(users) == 1 and isinstance(self.module_of(users[0]), CBAM)
+        return len(users) == 1 and is_attention(self.module_of(users[0]))
 
     def is_cbam(self, n: fx.Node) -> bool:
-        return isinstance(self.module_of(n), CBAM)
+        return is_attention(self.module_of(n))
+
+    def attention_at(self, n: fx.Node) -> nn.Module | None:
+        """The attention module that is ``n`` or its only user, if any."""
+        if self.is_cbam(n):
+            return self.module_of(n)
+        users = list(n.users)
+        return self.module_of(users[0]) if self.followed_by_cbam(n) else None
 
     def scope_last_nodes(self) -> dict[str, fx.Node]:
         last: dict[str, fx.Node] = {}
@@ -445,7 +454,9 @@ def _site(a: _Analysis, kind: str, name_key: str, node: fx.Node, operand: fx.Nod
     info = _tensor_info(target)
     ok, why = a.feature_map(target)
     if ok and (a.is_cbam(target) or (operand is None and a.followed_by_cbam(target))):
-        ok, why = False, "already has CBAM (allow_repatch=True / --repatch adds another)"
+        there = a.module_of(target) if a.is_cbam(target) else a.attention_at(target)
+        what = "CBAM" if isinstance(there, CBAM) else f"{getattr(there, 'name', 'an')} attention"
+        ok, why = False, f"already has {what} (allow_repatch=True / --repatch adds another)"
     shape = info.shape if info is not None else ()
     return Site(
         name=a.unit.full_name(name_key),
@@ -655,7 +666,7 @@ def _module_sites(a: _Analysis, pattern: str) -> list[Site]:
     for path, mod in a.unit.module.named_modules():
         if not path or not (matcher(a.unit.full_name(path)) or type(mod).__name__ == pattern):
             continue
-        if isinstance(mod, CBAM):
+        if is_attention(mod):
             continue
         calls = calls_of.get(path, [])
         if calls:

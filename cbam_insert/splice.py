@@ -55,7 +55,7 @@ def _free_name(root: nn.Module, name: str) -> str:
 
 
 def splice_unit(
-    unit: Unit, sites: Sequence[Site], make: Callable[[Site], CBAM], reuse_input: bool = True
+    unit: Unit, sites: Sequence[Site], make: Callable[[Site], nn.Module], reuse_input: bool = True
 ) -> tuple[nn.Module, list[str]]:
     """Insert ``make(site)`` after each used site of ``unit``; return the unit's new module and
     the qualified names the CBAM modules got (``_2``, ``_3`` … when a name was taken).
@@ -67,7 +67,7 @@ def splice_unit(
     root = unit.module
     prefix = f"{unit.path}." if unit.path else ""
     names: list[str] = []
-    made: dict[str, CBAM] = {}
+    made: dict[str, nn.Module] = {}
     for site in sites:
         if not site.used or site.unit != unit.path:
             continue
@@ -81,7 +81,7 @@ def splice_unit(
         made[name] = cbam
         placed = 0
         for graph in unit.graphs.values():
-            placed += _insert(graph, site, name)
+            placed += _insert(graph, site, name, type(cbam))
         if not placed:  # pragma: no cover - sites come from these graphs
             raise CBAMInsertError(f"internal: site {site.name} not found in its graph")
     for graph in unit.graphs.values():
@@ -89,7 +89,8 @@ def splice_unit(
     if reuse_input:
         calls = [_module_calls(graph, set(made)) for graph in unit.graphs.values()]
         for name, cbam in made.items():
-            cbam.reuse_input = all(_reusable(c.get(name, []), root) for c in calls)
+            if isinstance(cbam, CBAM):  # the only module that can write into its input
+                cbam.reuse_input = all(_reusable(c.get(name, []), root) for c in calls)
     class_name = type(unit.module).__name__
     if "train" in unit.graphs:
         gm: fx.GraphModule = ModeGraphModule(root, unit.graphs["train"], unit.graphs["eval"], class_name)
@@ -127,7 +128,7 @@ def _adopt_tree(gm: fx.GraphModule, root: nn.Module) -> None:
             gm._non_persistent_buffers_set.add(name)
 
 
-def _insert(graph: fx.Graph, site: Site, name: str) -> int:
+def _insert(graph: fx.Graph, site: Site, name: str, kind: type = CBAM) -> int:
     by_key: dict[str, fx.Node] = {k: n for n, k in node_key(graph).items()}
     node = by_key.get(site.key)
     if node is None:
@@ -146,7 +147,7 @@ def _insert(graph: fx.Graph, site: Site, name: str) -> int:
     stack = dict(anchor.meta.get("nn_module_stack") or {})
     if anchor.op == "call_module" and stack:
         stack.popitem()
-    stack[name] = (name, CBAM)
+    stack[name] = (name, kind)
     new.meta["nn_module_stack"] = stack
     return 1
 

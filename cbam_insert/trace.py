@@ -48,7 +48,9 @@ FROZEN_NORMS: tuple[type, ...] = (FrozenBatchNorm2d,)
 
 
 def _extra_leaf_types() -> tuple[type, ...]:
-    return (CBAM, *FROZEN_NORMS)
+    from .attention import Attention
+
+    return (CBAM, Attention, *FROZEN_NORMS)
 
 
 class CBAMTracer(fx.Tracer):
