@@ -9,6 +9,8 @@ with its traceback.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import sys
 from collections.abc import Callable, Iterator
@@ -20,6 +22,7 @@ import typer
 
 from . import __version__
 from .errors import CBAMInsertError
+from .options import Option, declared
 
 app = typer.Typer(
     add_completion=False,
@@ -90,8 +93,87 @@ def _input_shape_problem(model: Any, shape: tuple[int, ...]) -> str | None:
     return None
 
 
-def _cbam_options(**given: Any) -> dict[str, Any]:
-    return {k: v for k, v in given.items() if v is not None}
+def _declared_options() -> dict[str, list[tuple[str, Option]]]:
+    """Every module option the registry declares, by name: ``[(module, declaration), ...]``."""
+    from .attention import ATTENTION, config_of
+
+    out: dict[str, list[tuple[str, Option]]] = {}
+    for name in ATTENTION:
+        for opt in declared(config_of(name)):
+            out.setdefault(opt.name, []).append((name, opt))
+    return out
+
+
+def _flag_parameter(name: str, decls: list[tuple[str, Option]]) -> inspect.Parameter:
+    """The Typer parameter of one module option, from its declarations (one per module)."""
+    first = decls[0][1]
+    kinds = {o.type for _, o in decls}
+    if len(kinds) != 1:  # pragma: no cover - a declaration error, caught by the tests
+        raise TypeError(f"module option {name} is declared with different types {kinds}")
+    helps = list(dict.fromkeys(o.help for _, o in decls))
+    defaults = ", ".join(f"{m} {_show(o.default)}" for m, o in decls if o.default is not None)
+    shared = name == "init"
+    text = " ".join(h if h.endswith(".") else h + "." for h in helps)
+    examples = list(dict.fromkeys(o.example for _, o in decls if o.example))
+    if examples:
+        text = text[:-1] + ": " + ", ".join(f"{first.flag} {e}" for e in examples) + "."
+    text += f" [default: {_show(first.default)}]" if shared else (f" [default: {defaults}]" if defaults else "")
+    if first.type is bool:
+        flag = f"{first.flag}/--no-{first.flag[2:]}"
+        annotation: Any = Annotated[bool | None, typer.Option(flag, show_default=False, help=text)]
+    else:
+        typ = {int: int, float: float}.get(first.type, str)
+        annotation = Annotated[typ | None, typer.Option(first.flag, metavar=first.metavar or "VALUE", show_default=False, help=text)]
+    return inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None, annotation=annotation)
+
+
+def _show(value: Any) -> str:
+    return ",".join(value) if isinstance(value, tuple) else str(value)
+
+
+def _with_module_options(func: Callable[..., None]) -> Callable[..., None]:
+    """``func`` with one CLI flag per declared module option (inserted after ``--module``); the
+    flags given arrive as ``module_options`` (a dict of what the command line said)."""
+    declared_options = _declared_options()
+    sig = inspect.signature(func, eval_str=True)
+    params = [p for p in sig.parameters.values() if p.name != "module_options"]
+    at = [p.name for p in params].index("module") + 1
+    extra = [_flag_parameter(name, decls) for name, decls in declared_options.items()]
+    clash = {p.name for p in params} & {p.name for p in extra}
+    if clash:  # pragma: no cover - a declaration error, caught by the tests
+        raise TypeError(f"module options {clash} collide with the command's own parameters")
+    params = params[:at] + extra + params[at:]
+
+    @functools.wraps(func)
+    def command(**kwargs: Any) -> None:
+        values = {name: kwargs.pop(name, None) for name in declared_options}
+        given = {name: value for name, value in values.items() if value is not None}
+        func(**kwargs, module_options=given)
+
+    command.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    return command
+
+
+def _module_options(module: str, given: dict[str, Any]) -> dict[str, Any]:
+    """The command line's module options as ``module`` takes them, or a one-line error naming
+    the flag that ``module`` does not declare."""
+    from .attention import ATTENTION, config_of
+
+    if module not in ATTENTION:
+        extra = sorted(k for k in given if k != "init")
+        if extra:
+            flag = "--" + extra[0].replace("_", "-")
+            raise CBAMInsertError(f"{flag}: a user class (--module {module}) takes no options from the command line but --init")
+        return dict(given)
+    opts = {o.name: o for o in declared(config_of(module))}
+    out = {}
+    for name, value in given.items():
+        if name not in opts:
+            valid = ", ".join(o.flag for o in opts.values())
+            raise CBAMInsertError(f"--{name.replace('_', '-')} is not an option of --module {module} (its options: {valid})")
+        out[name] = opts[name].from_text(value) if isinstance(value, str) else value
+    return out
 
 
 @contextmanager
@@ -140,6 +222,7 @@ def _device(text: str) -> Any:
     epilog="Exit status: 0 done, 1 user error (one line on stderr, nothing written), "
     "2 usage error, 3 internal error (rerun with --debug), 130 interrupted. Full reference: docs/cli.md."
 )
+@_with_module_options
 def main_command(
     source: Annotated[str | None, typer.Argument(
         metavar="SOURCE", show_default=False,
@@ -182,46 +265,13 @@ def main_command(
         help="In inference, CBAM writes into its input where nothing else reads that tensor (one allocation "
         "less per site, like ReLU(inplace=True)).",
     )] = True,
-    reduction: Annotated[int | None, typer.Option(
-        "--reduction", metavar="R", show_default=False,
-        help="Channel MLP reduction, hidden width max(1, C // R) [default: 16]: --reduction 8.",
-    )] = None,
-    hidden: Annotated[int | None, typer.Option(
-        "--hidden", metavar="H", show_default=False, help="Exact MLP hidden width instead of C // R: --hidden 32.",
-    )] = None,
-    kernel_size: Annotated[int | None, typer.Option(
-        "--kernel-size", metavar="K", show_default=False,
-        help="Spatial attention kernel, odd [default: 7]: --kernel-size 3.",
-    )] = None,
-    pool_types: Annotated[str | None, typer.Option(
-        "--pool-types", metavar="LIST", show_default=False,
-        help="Channel-branch pooling, comma-separated from avg, max, lp, lse [default: avg,max]: "
-        "--pool-types avg,max,lp.",
-    )] = None,
-    no_channel: Annotated[bool, typer.Option("--no-channel", help="Spatial attention only (no channel gate).")] = False,
-    no_spatial: Annotated[bool, typer.Option("--no-spatial", help="Channel attention only (no spatial gate).")] = False,
-    order: Annotated[str | None, typer.Option(
-        "--order", metavar="ORDER", show_default=False,
-        help="channel_first (the paper), spatial_first, or parallel (both gates computed from the input) "
-        "[default: channel_first]: --order parallel.",
-    )] = None,
-    variant: Annotated[str | None, typer.Option(
-        "--variant", metavar="NAME", show_default=False,
-        help="plain (bias-free MLP and conv) or official (the authors' code: MLP biases, [max; mean] spatial "
-        "input, BatchNorm after the spatial conv) [default: plain]: --variant official.",
-    )] = None,
-    mlp_bias: Annotated[bool | None, typer.Option(
-        "--mlp-bias/--no-mlp-bias", show_default=False, help="Override the variant's choice of MLP biases.",
-    )] = None,
-    spatial_norm: Annotated[bool | None, typer.Option(
-        "--spatial-norm/--no-spatial-norm", show_default=False,
-        help="Override the variant's choice of a BatchNorm after the spatial conv.",
-    )] = None,
-    init: Annotated[str | None, typer.Option(
-        "--init", metavar="INIT", show_default=False,
-        help="default, or identity: a zero-initialised gate makes the patched model compute exactly what the "
-        "original did while staying trainable, for pretrained weights [default: default]: --init identity.",
-    )] = None,
+    module: Annotated[str, typer.Option(
+        "--module", metavar="NAME",
+        help="The attention module: cbam (default), se, eca, coord, simam, bam, gam, triplet, or your own "
+        "class as pkg.mod:Class (built as Class(channels), with dims= when it takes it; it must keep the "
+        "feature map's shape): --module eca, --module mypkg.attn:MyAttention. Each module's options follow; "
+        "an option another module declares is refused. See docs/attention.md.",
+    )] = "cbam",
     seed: Annotated[int | None, typer.Option(
         "--seed", metavar="N", show_default=False,
         help="Seed for the new CBAM weights and for the random weights of a built-in torchvision:/timm: "
@@ -284,6 +334,7 @@ def main_command(
     version: Annotated[bool, typer.Option(
         "--version", callback=_version, is_eager=True, help="Show the version and exit.",
     )] = False,
+    module_options: dict[str, Any] | None = None,
 ) -> None:
     """Put CBAM attention into a PyTorch model, report what it adds, and save the result.
 
@@ -314,12 +365,7 @@ def main_command(
         _run(
             source=source, after=after, include=include, exclude=exclude, stages=stages, every=every,
             max_sites=max_sites, min_channels=min_channels, repatch=repatch, reuse_input=reuse_input,
-            cbam=_cbam_options(
-                reduction=reduction, hidden=hidden, kernel_size=kernel_size,
-                pool_types=[p.strip() for p in pool_types.split(",") if p.strip()] if pool_types is not None else None,
-                channel=False if no_channel else None, spatial=False if no_spatial else None, order=order,
-                variant=variant, mlp_bias=mlp_bias, spatial_norm=spatial_norm, init=init,
-            ),
+            module=module, module_options=module_options or {},
             seed=seed, arch=arch, weights=weights, trust=trust, fmt=fmt, static_shapes=static_shapes,
             input_shape=input_shape, device=device,
             output=output, force=force, dry_run=dry_run, as_json=as_json, bench=bench, quiet=quiet,
@@ -356,7 +402,8 @@ def _run(
     min_channels: int,
     repatch: bool,
     reuse_input: bool,
-    cbam: dict[str, Any],
+    module: str,
+    module_options: dict[str, Any],
     seed: int | None,
     arch: str | None,
     weights: Path | None,
@@ -379,6 +426,7 @@ def _run(
     src = str(weights) if weights is not None else str(source)
     shape = parse_shape(input_shape) if input_shape is not None else None
     stage_range = parse_stages(stages) if stages is not None else None
+    options = _module_options(module, module_options)
     dev = _device(device)
 
     from .formats import default_output
@@ -399,9 +447,9 @@ def _run(
     with _progress(not quiet and stdout_tty and sys.stderr.isatty()) as step:
         import torch
 
-        from .api import NoSiteError, PatchReport, insert_cbam
+        from .api import NoSiteError, PatchReport, insert_attention
         from .recipe import Recipe, describe_inputs, make_inputs
-        from .report import benchmark, cost_report, render_bench, render_report, report_dict
+        from .report import benchmark, cost_report, render_bench, render_report, report_dict, site_latency
 
         with step(f"loading {src}"), torch.random.fork_rng(devices=[]):
             if seed is not None:  # a built-in spec's random weights are part of a reproducible file too
@@ -421,9 +469,9 @@ def _run(
         converted = False
         with step("tracing and inserting CBAM"):
             try:
-                patched = insert_cbam(
-                    model, after=after, example_inputs=inputs, allow_repatch=repatch, seed=seed,
-                    reuse_input=reuse_input, **selection, **cbam
+                patched = insert_attention(
+                    model, after=after, example_inputs=inputs, module=module, allow_repatch=repatch, seed=seed,
+                    reuse_input=reuse_input, **selection, **options
                 )
                 report = patched.cbam_report
             except NoSiteError as exc:
@@ -435,7 +483,7 @@ def _run(
                 elif not dry_run:
                     raise
                 else:
-                    report, why_none = PatchReport(after, exc.sites, [], [], exc.untraced), _one_line(exc)
+                    report, why_none = PatchReport(after, exc.sites, [], [], exc.untraced, module), _one_line(exc)
             except CBAMInsertError as exc:
                 hint = _input_shape_problem(model, shape) if shape is not None else None
                 if hint is not None:
@@ -449,6 +497,7 @@ def _run(
             if bench:
                 with step("timing the original and the patched model"):
                     timing = benchmark(model, patched, example)
+                    timing.per_site = site_latency(patched, example, report.modules)
         if not (quiet or as_json):
             shape_text = _describe_shape(describe_inputs(example)) if example is not None else None
             for renderable in render_report(report, cost, model=patched, show_skipped=dry_run, inputs=shape_text):
@@ -481,7 +530,8 @@ def _run(
             soft_wrap=True,
         )
     elif out is not None:
-        _print(console, f"saved {len(report.modules)} CBAM module(s) to {out}", soft_wrap=True)
+        kind = "CBAM" if module == "cbam" else module
+        _print(console, f"saved {len(report.modules)} {kind} module(s) to {out}", soft_wrap=True)
     else:
         _print(console, "dry run: nothing written", soft_wrap=True)
 

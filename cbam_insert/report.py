@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -36,6 +36,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .attention import Attention
 from .meta import meta_copy, to_meta
 from .modes import in_mode
 from .modules import CBAM
@@ -61,6 +62,7 @@ __all__ = [
     "render_report",
     "report_dict",
     "site_cost",
+    "site_latency",
 ]
 
 FLOP_NOTE = (
@@ -131,7 +133,7 @@ def _count(model: nn.Module, example_inputs: tuple[Any, ...]) -> tuple[int, dict
         torch.backends.mha.set_fastpath_enabled(fastpath)
     per_module = counter.get_flop_counts()
     per_cbam = {}
-    for name, key in _tracker_names(model, CBAM).items():
+    for name, key in _tracker_names(model, (CBAM, Attention)).items():
         per_cbam[name] = sum(per_module.get(key, {}).values()) // 2
     return counter.get_total_flops() // 2, per_cbam
 
@@ -189,7 +191,7 @@ def _resized(transform: nn.Module, example_inputs: tuple[Any, ...]) -> tuple[str
     return None if to == (h, w) else (f"{h}x{w}", f"{to[0]}x{to[1]}")
 
 
-def _tracker_names(model: nn.Module, kind: type) -> dict[str, str]:
+def _tracker_names(model: nn.Module, kind: type | tuple[type, ...]) -> dict[str, str]:
     """``{qualified name: FlopCounterMode key}`` for the submodules of type ``kind``.
 
     The counter's module tracker names the root by its class and every other module by the path
@@ -279,6 +281,7 @@ class BenchResult:
     original_times: list[float]
     patched_times: list[float]
     device: str
+    per_site: dict[str, float] = field(default_factory=dict)  # module name -> its own median latency, seconds
 
     @property
     def runs(self) -> int:
@@ -319,7 +322,8 @@ class BenchResult:
         return {"original_ms": round(self.original * 1e3, 4), "patched_ms": round(self.patched * 1e3, 4),
                 "ratio": round(self.ratio, 4), "runs": self.runs, "device": self.device,
                 "original": ms(self.original_times), "patched": ms(self.patched_times),
-                "spread": round(self.spread, 4), "warning": self.warning}  # fmt: skip
+                "spread": round(self.spread, 4), "warning": self.warning,
+                "per_site_ms": {k: round(v * 1e3, 4) for k, v in self.per_site.items()}}  # fmt: skip
 
 
 def _min_med_max(times: Sequence[float]) -> tuple[float, float, float]:
@@ -355,6 +359,55 @@ def benchmark(
             if i >= 2 and time.perf_counter() - start > budget_s:
                 break
     return BenchResult(times[0], times[1], str(device))
+
+
+def site_latency(
+    model: nn.Module,
+    example_inputs: tuple[Any, ...],
+    modules: Sequence[str],
+    runs: int = 20,
+    budget_s: float = 10.0,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, float]:
+    """Median eval-mode latency of each inserted module alone, on the tensor it receives in one
+    forward of ``example_inputs``: the time that site adds. Modules are timed interleaved, each on
+    a fresh copy of its input (a module that writes into its input then sees the same values)."""
+    named = dict(model.named_modules())
+    captured: dict[str, tuple[Any, ...]] = {}
+    hooks = [
+        named[n].register_forward_pre_hook(lambda _m, args, n=n: captured.setdefault(n, args) and None)
+        for n in modules if n in named
+    ]  # fmt: skip
+    was = model.training
+    device = _device_of(model)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times: dict[str, list[float]] = {n: [] for n in modules if n in named}
+    try:
+        model.eval()
+        with torch.inference_mode():
+            model(*example_inputs)
+            for h in hooks:
+                h.remove()
+            hooks = []
+            start = time.perf_counter()
+            for i in range(runs + 1):  # the first round warms up
+                for name, got in times.items():
+                    if name not in captured:
+                        continue
+                    args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in captured[name])
+                    sync()
+                    t0 = clock()
+                    named[name](*args)
+                    sync()
+                    if i:
+                        got.append(clock() - t0)
+                if i >= 3 and time.perf_counter() - start > budget_s:
+                    break
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was)
+    return {n: statistics.median(t) for n, t in times.items() if t}
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -408,7 +461,8 @@ def render_report(
     out: list[RenderableType] = []
     used = len(report.used)
     skipped = len(report.sites) - used
-    title = f"CBAM sites for --after {report.after}: {used} used, {skipped} skipped"
+    kind = "CBAM" if report.module == "cbam" else report.module
+    title = f"{kind} sites for --after {report.after}: {used} used, {skipped} skipped"
     table = Table(title=title, title_justify="left")
     table.add_column("site", overflow="fold")
     table.add_column("kind")
@@ -500,9 +554,18 @@ def render_bench(bench: BenchResult) -> Any:
         table.add_row(label, *(f"{t * 1e3:.3f} ms" for t in _min_med_max(times)))
     table.add_row("ratio", f"{min(bench.patched_times) / min(bench.original_times):.3f}x", f"{bench.ratio:.3f}x", "",
                   style="bold")  # fmt: skip
-    if bench.warning is None:
-        return table
-    return Group(table, Text(f"warning: {bench.warning}", style="yellow"))
+    parts: list[Any] = [table]
+    if bench.warning is not None:
+        parts.append(Text(f"warning: {bench.warning}", style="yellow"))
+    if bench.per_site:
+        sites = Table(title="Added latency per site (each module alone on its input, median)", title_justify="left")
+        sites.add_column("module", overflow="fold")
+        sites.add_column("latency", justify="right")
+        for name, t in bench.per_site.items():
+            sites.add_row(name, f"{t * 1e3:.3f} ms")
+        sites.add_row("sum", f"{sum(bench.per_site.values()) * 1e3:.3f} ms", style="bold")
+        parts.append(sites)
+    return parts[0] if len(parts) == 1 else Group(*parts)
 
 
 def report_dict(
@@ -526,6 +589,7 @@ def report_dict(
             entry["params"] = entry["flops"] = None
         sites.append(entry)
     data: dict[str, Any] = {
+        "module": report.module,
         "after": report.after,
         "sites": sites,
         "used": len(report.used),
