@@ -1,6 +1,7 @@
 """Property tests: the patch keeps its contract on random small CNNs (see ``_randnets``).
 
-For every placement and every generated architecture: the patch either succeeds or refuses with
+For every placement and every generated architecture, with an attention module drawn from the
+registry (CBAM most often): the patch either succeeds or refuses with
 ``CBAMInsertError``; conv and block sites are exactly the ones an independent eager oracle
 predicts; CBAM sits on the residual branch, never on the shortcut; output shapes are kept;
 identity init is exact in eval and train mode; backward reaches every CBAM parameter; patching the
@@ -21,9 +22,20 @@ import pytest
 import torch
 from _randnets import ConvNeXtBlock, RandNet, ResBlock, spec_strategy
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch import nn
 
-from cbam_insert import CBAM, CBAMInsertError, apply_recipe, find_sites, insert_cbam, load_model, save_model
+from cbam_insert import (
+    ATTENTION,
+    CBAMInsertError,
+    apply_recipe,
+    find_sites,
+    insert_attention,
+    insert_cbam,
+    load_model,
+    save_model,
+)
+from cbam_insert.attention import is_attention, rank_refusal
 
 EXAMPLES_PER_PLACEMENT = 70  # x 3 placements: 210 generated architectures per run
 
@@ -84,21 +96,24 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("after", ["conv", "block", "stage"])
 @_SETTINGS
-@given(spec=spec_strategy())
-def test_patch_keeps_its_contract_on_random_cnns(after: str, spec: dict) -> None:
+@given(spec=spec_strategy(), module=st.sampled_from(["cbam", "cbam", *sorted(set(ATTENTION) - {"cbam"})]))
+def test_patch_keeps_its_contract_on_random_cnns(after: str, spec: dict, module: str) -> None:
     torch.manual_seed(0)
     model = RandNet(spec).eval()
     x = model.example_input()
     before = _state(model)
     expected = _expected_sites(model, x, after)
+    refused_rank = rank_refusal(module, spec["dims"])
     try:
-        patched = insert_cbam(model, after=after, example_inputs=(x,), init="identity", seed=0)
+        patched = insert_attention(model, after=after, example_inputs=(x,), module=module, init="identity", seed=0)
     except CBAMInsertError as exc:
         assert "no site" in str(exc)
-        assert not expected, f"refused although the oracle finds {sorted(expected or {})}: {exc}"
+        assert not expected or refused_rank, f"refused although the oracle finds {sorted(expected or {})}: {exc}"
         return
+    assert refused_rank is None, f"{module} patched a {spec['dims']}-D model it refuses"
     report = patched.cbam_report
-    cbams = [n for n, m in patched.named_modules() if isinstance(m, CBAM)]
+    cbams = [n for n, m in patched.named_modules() if is_attention(m)]
+    assert all(type(patched.get_submodule(n)) is ATTENTION[module] for n in cbams)
     assert sorted(cbams) == sorted(report.modules) and len(cbams) == len(report.used) > 0
 
     if after == "conv":
@@ -108,7 +123,7 @@ def test_patch_keeps_its_contract_on_random_cnns(after: str, spec: dict) -> None
         assert got == expected, "CBAM must sit on the residual branch (its last node), one per residual block"
         assert all(s.reason.startswith("residual branch") for s in report.used)
 
-    # patching the result again is refused: every site already has CBAM
+    # patching the result again, with CBAM, is refused: every site already has an attention module
     with pytest.raises(CBAMInsertError, match="no site"):
         insert_cbam(patched, after=after, example_inputs=(x,))
 
@@ -146,7 +161,7 @@ def test_patch_keeps_its_contract_on_random_cnns(after: str, spec: dict) -> None
     recipe = json.loads(json.dumps(patched.cbam_recipe))
     rebuilt = apply_recipe(RandNet(spec), recipe)
     rebuilt.load_state_dict(patched.state_dict())
-    assert sorted(n for n, m in rebuilt.named_modules() if isinstance(m, CBAM)) == sorted(cbams)
+    assert sorted(n for n, m in rebuilt.named_modules() if is_attention(m)) == sorted(cbams)
     torch.testing.assert_close(_outputs(rebuilt, x), want, atol=1e-6, rtol=0)
 
     # pt round trip through the package's own (safe) loader
