@@ -29,8 +29,10 @@ cbam_insert's time over the reference's (below 1: faster).
 ``--resnet50`` instead puts each module into every bottleneck of torchvision's ResNet-50
 (``after="block"``, the placement of the CBAM, BAM-in-block and SE papers) and prints, per module,
 the parameters and MACs added (``cbam_insert.report.cost_report``) and the eval-mode latency
-added on one 1x3x224x224 image: the patched model's median minus the original's, all models
-interleaved in one run, and the sum of the per-site latencies (``report.site_latency``).
+added on one 1x3x224x224 image, two ways: the whole patched model's time minus the original's
+(the fastest of the interleaved rounds of each: the least disturbed by other work on the machine),
+and the sum of the sites' own latencies (``report.site_latency``: each inserted module alone on the
+tensor it receives, median).
 """
 
 from __future__ import annotations
@@ -220,15 +222,15 @@ def resnet50_table(rounds: int, names: list[str]) -> None:
                 models[k](x)
                 if r:
                     times[k].append(clock() - t0)
-    base = statistics.median(times["original"])
+    base = min(times["original"])
     print(f"ResNet-50, every bottleneck (after=block, 16 sites), 1x3x224x224, {torch.get_num_threads()} thread(s), "
-          f"torch {torch.__version__}; latency: median of {rounds} interleaved rounds")  # fmt: skip
+          f"torch {torch.__version__}; model latency: fastest of {rounds} interleaved rounds")  # fmt: skip
     print(f"original: {original_params(original):,} params, {cost.flops_before / 1e9:.3f} GMACs, {base * 1e3:.1f} ms")
-    print(f"{'module':8} {'params +':>12} {'MACs +':>14} {'latency +':>10} {'sum of sites':>13}")
+    print(f"{'module':8} {'params +':>12} {'MACs +':>16} {'model +':>10} {'sum of sites':>13}")
     for name, (cost, modules) in rows.items():
-        added = (statistics.median(times[name]) - base) * 1e3
+        added = (min(times[name]) - base) * 1e3
         per_site = sum(site_latency(models[name], (x,), modules, runs=max(3, rounds // 2), clock=clock).values()) * 1e3
-        print(f"{name:8} {cost.params_delta:>12,} {cost.flops_delta:>14,} {added:>8.1f}ms {per_site:>11.1f}ms")
+        print(f"{name:8} {cost.params_delta:>12,} {cost.flops_delta:>16,} {added:>8.1f}ms {per_site:>11.1f}ms")
 
 
 def original_params(model: nn.Module) -> int:
