@@ -281,12 +281,16 @@ def insert_attention(
     if base is None:
         base = meta_copy(model, keep_non_persistent=True)
     work = model if inplace else copy.deepcopy(model)
-    traced, sites = _plan(work, after, inputs, sel)
-    sites = [_for_module(s, choice) for s in sites]
+    traced, planned = _plan(work, after, inputs, sel)
+    sites = [_for_module(s, choice) for s in planned]
     if allow_repatch:
         sites = [_allow(s) for s in sites]
     used = [s for s in sites if s.used]
     if not used:
+        refused = sorted({s.reason for s, p in zip(sites, planned) if p.used and not s.used})
+        if refused:  # the selection kept sites, but the module does not take their rank
+            raise NoSiteError(f"no site for after={after!r} in {type(work).__name__}: {'; '.join(refused)}",
+                              sites, traced.skipped)  # fmt: skip
         raise _no_site_error(work, after, sites, traced, sel)
     rng = torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()
     with rng:
