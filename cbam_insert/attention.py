@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .modules import CBAM, CBAMConfig
-from .options import ModuleConfig, odd, option, positive
+from .options import ModuleConfig, declared, odd, option, positive
 
 __all__ = [
     "ATTENTION",
@@ -99,6 +99,7 @@ class Attention(nn.Module):
     Config: ClassVar[type[ModuleConfig]] = ModuleConfig
     ranks: ClassVar[tuple[int, ...]] = (1, 2, 3)
     rank_reason: ClassVar[str] = ""
+    __jit_unused_properties__: ClassVar[list[str]] = ["config"]
 
     def __init__(self, channels: int, dims: int = 2, **options: Any) -> None:
         super().__init__()
@@ -106,7 +107,9 @@ class Attention(nn.Module):
             raise ValueError(f"channels must be a positive integer, got {channels!r}")
         if isinstance(dims, bool) or dims not in self.ranks:
             raise ValueError(self.refusal(dims))
-        self.config = self.Config.from_options(options)
+        config = self.Config.from_options(options)
+        # plain data on the instance (a pickled model holds no config class the safe loader would refuse)
+        self.options = {o.name: getattr(config, o.name) for o in declared(self.Config)}
         self.channels = channels
         self.dims = int(dims)
         self.label = self.name  # an instance attribute: TorchScript does not read class attributes
@@ -119,6 +122,11 @@ class Attention(nn.Module):
         ranks = ", ".join(f"{r}-D" for r in cls.ranks)
         why = f" ({cls.rank_reason})" if cls.rank_reason else ""
         return f"{cls.name} handles {ranks} feature maps, not dims={dims!r}{why}"
+
+    @property
+    def config(self) -> ModuleConfig:
+        """The module's options as its declaration (built from ``options``)."""
+        return self.Config(**self.options)
 
     def extra_repr(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.config.given().items())

@@ -458,7 +458,10 @@ def _run(
         from .integrations.ultralytics import is_yolo_model
 
         if is_yolo_model(model):  # hooked CBAM children, written back as an Ultralytics checkpoint
-            _run_yolo(model, after=after, cbam=cbam, seed=seed, shape=shape, out=out, fmt=fmt, force=force,
+            if module != "cbam":
+                raise CBAMInsertError(f"--module {module}: Ultralytics models take CBAM only (their integration hooks "
+                                      "CBAM children); use the default --module cbam")  # fmt: skip
+            _run_yolo(model, after=after, cbam=options, seed=seed, shape=shape, out=out, fmt=fmt, force=force,
                       static_shapes=static_shapes, src=src, as_json=as_json, quiet=quiet, console=console)  # fmt: skip
             return
         inputs = None

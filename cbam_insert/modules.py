@@ -297,7 +297,6 @@ class CBAM(nn.Module):
         self.dims = _check_dims(dims)
         _check_bool("reuse_input", reuse_input)
         cfg = CBAMConfig.from_options({"reduction": reduction, **options})  # every option, checked once
-        self.config = cfg
         variant, order, init = cfg.variant, cfg.order, cfg.init
         mlp_bias, spatial_norm = cfg.mlp_bias, cfg.spatial_norm
         official = variant == "official"

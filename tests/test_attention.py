@@ -638,3 +638,15 @@ def test_a_saved_file_whose_recipe_builds_a_user_class_loads_only_with_trust(tmp
     loaded = load_model(path, trust=True)
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval()(x), patched.eval()(x))
+
+
+@pytest.mark.parametrize("name", sorted(ATTENTION))
+def test_a_pickled_module_loads_with_the_safe_loader(name, tmp_path):
+    """The modules keep only tensors and plain data: a torch.save of a model holding one loads without trust."""
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), ATTENTION[name](8, init="identity")).eval()
+    torch.save(m, tmp_path / "m.pt")
+    loaded = load_model(tmp_path / "m.pt")
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(x), m(x))
+    assert loaded[1].extra_repr() == m[1].extra_repr()
