@@ -39,7 +39,7 @@ from .meta import meta_copy
 from .modules import CBAMConfig
 from .options import declared
 from .recipe import Recipe, Selection, Step, describe_inputs, make_inputs
-from .sites import PLACEMENTS, Site, find_unit_sites, select_sites
+from .sites import PLACEMENTS, Site, find_sites_in, select_sites
 from .splice import set_submodule, splice_unit
 from .trace import TraceResult, infer_example_inputs, trace_units
 
@@ -114,9 +114,7 @@ def _inputs(model: nn.Module, example_inputs: Any) -> tuple[Any, ...]:
 
 def _plan(model: nn.Module, after: str, example_inputs: tuple[Any, ...], sel: Selection) -> tuple[TraceResult, list[Site]]:
     traced = trace_units(model, example_inputs)
-    sites: list[Site] = []
-    for unit in traced.units:
-        sites.extend(find_unit_sites(unit, after))
+    sites = find_sites_in(traced.units, after)
     if after not in PLACEMENTS and not sites:
         raise CBAMInsertError(f"pattern {after!r} matches no module of {type(model).__name__} (try --dry-run with --after conv to list names)")
     for p in sel.include + sel.exclude:
@@ -167,14 +165,14 @@ class NoSiteError(CBAMInsertError):
 
 def _no_site_error(model: nn.Module, after: str, sites: list[Site], traced: TraceResult, sel: Selection) -> NoSiteError:
     units = traced.units
-    candidates = [s for u in units for s in find_unit_sites(u, after) if s.used]
+    candidates = [s for s in find_sites_in(units, after) if s.used]
     if candidates:
         return NoSiteError(_kept_none(model, after, candidates, sel), sites, traced.skipped)
     others = []
     for p in PLACEMENTS:
         if p == after:
             continue
-        found = [s for u in units for s in find_unit_sites(u, p)]
+        found = find_sites_in(units, p)
         if any(s.used for s in select_sites(found, sel)):
             others.append(p)
     reasons = sorted({s.reason for s in sites})
@@ -186,7 +184,12 @@ def _no_site_error(model: nn.Module, after: str, sites: list[Site], traced: Trac
         alt = "; no placement finds a site in this model"
     else:
         alt = "; no other placement finds a site the selection keeps"
-    return NoSiteError(f"no site for after={after!r} in {type(model).__name__}{why}{alt}", sites, traced.skipped)
+    untraced = ""
+    if traced.skipped:
+        parts = "; ".join(f"{path or '<model>'}: {reason}" for path, reason in traced.skipped[:3])
+        more = f" (and {len(traced.skipped) - 3} more)" if len(traced.skipped) > 3 else ""
+        untraced = f"; not traced: {parts}{more}"
+    return NoSiteError(f"no site for after={after!r} in {type(model).__name__}{why}{alt}{untraced}", sites, traced.skipped)
 
 
 def _kept_none(model: nn.Module, after: str, candidates: list[Site], sel: Selection) -> str:
@@ -307,9 +310,10 @@ def insert_attention(
                 raise CBAMInsertError(str(exc)) from None
             return made
 
-        result, modules = _splice_all(work, traced, sites, make, reuse_input)
-    actual = iter(modules)  # the names splicing gave, in site order (``_2`` after a repatch)
-    sites = [replace(s, module_name=next(actual)) if s.used else s for s in sites]
+        result, sites = _splice_all(work, traced, sites, make, reuse_input)
+    modules = [s.module_name for s in sites if s.used]
+    if not modules:
+        raise _no_site_error(work, after, sites, traced, sel)
     report = PatchReport(after, sites, modules, [u.path or "<model>" for u in traced.units], traced.skipped, choice.key)
     step = Step(
         after=after,
@@ -358,19 +362,30 @@ def _allow(site: Site) -> Site:
 
 def _splice_all(
     work: nn.Module, traced: TraceResult, sites: list[Site], make: Any, reuse_input: bool
-) -> tuple[nn.Module, list[str]]:
+) -> tuple[nn.Module, list[Site]]:
+    """Splice every unit; return the result and the sites with the module names they got
+    (``_2``, ``_3`` … after a repatch), a site the splice could not place marked skipped."""
     result = work
-    names: list[str] = []
+    names: dict[str, str] = {}
+    skipped: dict[str, str] = {}
     for unit in traced.units:
         if not any(s.used and s.unit == unit.path for s in sites):
             continue
-        new, added = splice_unit(unit, sites, make, reuse_input)
-        names.extend(added)
+        done = splice_unit(unit, sites, make, reuse_input)
+        names.update(done.names)
+        skipped.update(done.skipped)
         if unit.path == "":
-            result = new
-        else:
-            set_submodule(work, unit.path, new)
-    return result, names
+            result = done.module
+        elif done.module is not work.get_submodule(unit.path):
+            set_submodule(work, unit.path, done.module)
+    out = []
+    for s in sites:
+        if s.used and s.name in skipped:
+            s = replace(s, used=False, reason=skipped[s.name])
+        elif s.used:
+            s = replace(s, module_name=names[s.name])
+        out.append(s)
+    return result, out
 
 
 def _match_devices(model: nn.Module) -> None:

@@ -4,16 +4,25 @@ A *site* is one node whose output is a channels-first feature map (N, C, *spatia
 are candidates depends on the placement:
 
 * ``conv``  — the end of each conv unit: a convolution plus the norm and the activation that
-  directly follow it (conv -> bn -> relu gives the relu; conv -> bn gives the bn).
+  directly follow it (conv -> bn -> relu gives the relu; conv -> bn gives the bn). Frozen convs
+  (no parameter requires grad) and one-channel outputs (YOLO's DFL) are skipped. An opaque module
+  (one that does not trace) whose last conv or channel norm defines its output counts as a conv.
 * ``block`` — each residual merge ``a + b`` of two same-shaped feature maps; CBAM goes on the
   residual branch, before the merge. The shortcut is the operand that is an ancestor of the
   other (identity) or, when both are computed, the shorter path from their nearest common
   ancestor. A merge whose long path drops below the merge's spatial size (FPN, U-Net, HRNet
   fusions) is a top-down merge, not a residual block; global descriptors (1x1 maps of squeeze
-  and excitation gates) do not count as a lower level.
-* ``stage`` — the output of each backbone stage: the last articulation node (every path from
-  input to output passes through it) at one spatial size, when the stretch before it holds at
-  least two conv units or one residual block.
+  and excitation gates) do not count as a lower level. Nor are residual blocks: a running sum
+  whose paths also read layers before the fork (ConvTasNet's skip sums), and an attention output
+  plus a positional term (the short path is a matmul: YOLO11's ``attn.add``).
+* ``stage`` — the output of each backbone stage, across the traced parts of the model in the
+  order they run: the articulation nodes (every path from the input through the backbone passes
+  through them) before the first feature map larger than one seen before it (a decoder, neck or
+  head starts there), grouped by spatial size; a stage ends at the last one that is the output of
+  the shallowest module (an untraced parent counts: ultralytics' C2f returns its ``cv2``), when
+  the stretch before it holds at least two conv units or one residual block. The model's output
+  and maps no learnable layer reads (logits, masks) are never stage ends, and the last stage
+  stays in the module that holds the earlier ones (smp's encoder, not the FPN lateral conv).
 * a module name, glob or regex (``"layer4.*.bn3"``, ``"re:layer[34]\\..*"``) or a class name
   (``"Bottleneck"``): the output of every matching module.
 
@@ -39,9 +48,9 @@ from torch import fx, nn
 from .attention import Attention, is_attention
 from .modules import CBAM
 from .recipe import Selection
-from .trace import FROZEN_NORMS, TensorInfo, Unit, is_add, node_key
+from .trace import FROZEN_NORMS, Anchor, TensorInfo, Unit, anchors, is_add, node_key
 
-__all__ = ["PLACEMENTS", "Site", "cbam_module_name", "find_unit_sites", "select_sites"]
+__all__ = ["PLACEMENTS", "Site", "cbam_module_name", "find_sites_in", "find_unit_sites", "select_sites"]
 
 PLACEMENTS = ("conv", "block", "stage")
 
@@ -53,7 +62,9 @@ class Site:
     ``name`` is the site's stable name (module path, or ``scope.op`` for a functional merge),
     ``kind`` one of ``conv``, ``block``, ``stage``, ``module``. ``used`` says whether the
     selection keeps it; ``reason`` says why not (or what it is when used). ``module_name`` is
-    the qualified name the inserted CBAM gets.
+    the qualified name the inserted CBAM gets. ``anchor`` (and ``operand_anchor`` for a block's
+    branch) says what defines the site, so the splice finds it in every graph of its unit;
+    ``output`` marks a site that is its unit's return value.
     """
 
     name: str
@@ -68,6 +79,9 @@ class Site:
     stage: int | None = None
     module_name: str = ""
     dtype: str = ""
+    anchor: Anchor | None = None
+    operand_anchor: Anchor | None = None
+    output: bool = False
 
     @property
     def spatial(self) -> tuple[int, ...]:
@@ -155,6 +169,9 @@ class _Analysis:
         self.index = {n: i for i, n in enumerate(self.nodes)}
         self.keys = node_key(self.graph)
         self.by_key = {k: n for n, k in self.keys.items()}
+        self.anchors = anchors(self.graph)
+        out = next(n for n in reversed(self.nodes) if n.op == "output")
+        self.returned = out.args[0] if isinstance(out.args[0], fx.Node) else None
         self.const: set[fx.Node] = set()
         self.axis: dict[fx.Node, int | None] = {}
         self.why: dict[fx.Node, str] = {}
@@ -200,6 +217,8 @@ class _Analysis:
                 return -1, "a last-axis layer (linear / layer norm) defines the feature axis"
             if isinstance(mod, nn.Flatten):
                 return self._flatten(src_axis, mod.start_dim, rank)
+            if isinstance(mod, self.unit.leaf_types):
+                return _opaque_axis(mod, _tensor_info(n))
             return self._same_shape(n, inputs)
         target = n.target
         if n.op == "call_function":
@@ -405,10 +424,32 @@ def _int_arg(n: fx.Node, pos: int, name: str, default: int) -> int:
 
 
 def _is_conv(a: _Analysis, n: fx.Node) -> bool:
+    """A convolution, or an opaque module (one that does not trace) whose output its last conv or
+    channel norm defines (``MobileNetV2ConvLayer``: padding computed with ``int()``, conv, norm, act)."""
     mod = a.module_of(n)
     if mod is not None:
+        if isinstance(mod, a.unit.leaf_types):
+            return a.axis.get(n) == 1 and any(isinstance(m, nn.modules.conv._ConvNd) for m in mod.modules())
         return isinstance(mod, nn.modules.conv._ConvNd)
     return n.op == "call_function" and n.target in _CONV_FUNCS
+
+
+def _opaque_axis(mod: nn.Module, info: TensorInfo | None) -> tuple[int | None, str]:
+    """Channel axis of an opaque module's output: 1 when the last layer inside it that defines an
+    axis is a conv or channel norm with as many channels as the output's dim 1."""
+    channels = None
+    for m in mod.modules():
+        if isinstance(m, nn.modules.conv._ConvNd):
+            channels = m.out_channels
+        elif isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
+            channels = m.num_features
+        elif isinstance(m, nn.GroupNorm):
+            channels = m.num_channels
+        elif isinstance(m, _LAST_AXIS_MODULES):
+            channels = None
+    if info is not None and len(info.shape) >= 3 and channels is not None and info.shape[1] == channels:
+        return 1, ""
+    return None, f"the output of {type(mod).__name__}, which does not trace"
 
 
 def _is_norm(a: _Analysis, n: fx.Node) -> bool:
@@ -469,6 +510,9 @@ def _site(a: _Analysis, kind: str, name_key: str, node: fx.Node, operand: fx.Nod
         key=a.keys[node],
         operand=a.keys[operand] if operand is not None else None,
         dtype=str(info.dtype).replace("torch.", "") if info is not None else "",
+        anchor=a.anchors.get(node),
+        operand_anchor=a.anchors.get(operand) if operand is not None else None,
+        output=operand is None and target is a.returned,
     )
 
 
@@ -476,8 +520,23 @@ def _conv_sites(a: _Analysis) -> list[Site]:
     sites = []
     for conv, end in conv_units(a):
         chain = "+".join(_short(a, x) for x in _chain(conv, end))
-        sites.append(_site(a, "conv", a.keys[conv], end, reason=f"after {chain}"))
+        site = _site(a, "conv", a.keys[conv], end, reason=f"after {chain}")
+        why = _not_learnable(a, conv)
+        sites.append(replace(site, used=False, reason=why) if why and site.used else site)
     return sites
+
+
+def _not_learnable(a: _Analysis, conv: fx.Node) -> str:
+    """Why a conv's output is no learnable feature map (YOLO's DFL: a fixed one-channel conv)."""
+    mod = a.module_of(conv)
+    if mod is None:
+        return ""
+    params = list(mod.parameters())
+    if params and not any(p.requires_grad for p in params):
+        return "a frozen conv (requires_grad=False): not a learnable feature map"
+    if getattr(mod, "out_channels", 0) == 1:
+        return "a one-channel conv output: nothing for channel attention to weigh"
+    return ""
 
 
 def _chain(start: fx.Node, end: fx.Node) -> list[fx.Node]:
@@ -561,6 +620,12 @@ def _block_sites(a: _Analysis) -> list[Site]:
             continue
         branch, path = (ops[0], pa) if la > lb else (ops[1], pb)
         short = ([ops[1]] + pb) if la > lb else ([ops[0]] + pa)
+        if any(_is_matmul(m) for m in short):
+            sites.append(_skip(a, "block", key, n, "attention output plus a positional term (the short path is a matmul): not a residual block"))
+            continue
+        if _mixes_earlier(a, fork, path + [branch] + short):
+            sites.append(_skip(a, "block", key, n, "accumulating sum (a path also adds layers before the fork): not a residual block"))
+            continue
         size = ia.shape[2:]
         for m in path + [fork, branch]:
             info = _tensor_info(m)
@@ -573,12 +638,35 @@ def _block_sites(a: _Analysis) -> list[Site]:
                 if m is not fork and small == size and _upsamples(a, m):
                     break
         else:
-            weighted = any(any(True for _ in m.parameters()) for m in map(a.module_of, short) if m is not None)
+            weighted = any(any(True for _ in m.parameters()) for m in map(a.module_of, [x for x in short if x is not fork]) if m is not None)
             shortcut = "projection" if weighted else "identity"
             sites.append(_site(a, "block", key, n, operand=branch, reason=f"residual branch ({shortcut} shortcut)"))
             continue
         sites.append(_skip(a, "block", key, n, "top-down merge (the long path drops below the merge's resolution): not a residual block"))
     return sites
+
+
+def _mixes_earlier(a: _Analysis, fork: fx.Node, members: Sequence[fx.Node]) -> bool:
+    """Some node between the fork and the merge reads a tensor computed before the fork (a
+    running skip sum, ConvTasNet style), other than through the fork itself."""
+    inside = set(members) | {fork}
+    reads = {p for m in members if m is not fork for p in m.all_input_nodes if p not in inside and p not in a.const and _carries_tensor(p)}
+    if not reads:
+        return False
+    seen, todo = set(), [fork]
+    while todo:
+        for p in todo.pop().all_input_nodes:
+            if p not in seen:
+                seen.add(p)
+                todo.append(p)
+    return bool(reads & seen)
+
+
+_MATMULS = {operator.matmul, torch.matmul, torch.bmm, torch.einsum, F.scaled_dot_product_attention}
+
+
+def _is_matmul(n: fx.Node) -> bool:
+    return (n.op == "call_function" and n.target in _MATMULS) or (n.op == "call_method" and n.target in ("matmul", "bmm"))
 
 
 def _skip(a: _Analysis, kind: str, key: str, n: fx.Node, reason: str) -> Site:
@@ -592,9 +680,11 @@ def _channels(a: _Analysis, n: fx.Node, shape: Sequence[int]) -> int:
     return int(shape[1]) if len(shape) > 1 and a.axis.get(n) == 1 else 0
 
 
-def _cut_vertices(a: _Analysis) -> list[fx.Node]:
+def _cut_vertices(a: _Analysis, stop: int) -> list[fx.Node]:
+    """Articulation nodes of the graph's first ``stop`` nodes: every path from the input through
+    that part passes through them (reads by nodes beyond it, U-Net skips, do not count)."""
     # shape reads (x.shape[-2:] kept for a final resize, as in FCN) are not dataflow: they span no stage
-    order = [n for n in a.nodes if n not in a.const and n.op != "output" and _carries_tensor(n)]
+    order = [n for n in a.nodes[:stop] if n not in a.const and n.op != "output" and _carries_tensor(n)]
     pos = {n: i for i, n in enumerate(order)}
     cuts, reach = [], -1
     for i, n in enumerate(order):
@@ -606,30 +696,111 @@ def _cut_vertices(a: _Analysis) -> list[fx.Node]:
     return cuts
 
 
-def stage_ends(a: _Analysis, block_sites: Sequence[Site]) -> list[fx.Node]:
-    """The output node of each backbone stage, in order (see the module doc)."""
+def _learnable_after(a: _Analysis) -> set[fx.Node]:
+    """Nodes from which a module with parameters (not CBAM) is reached: a node without is a
+    head's or the model's output (logits, a segmentation map, box offsets)."""
+    found: set[fx.Node] = set()
+    for n in reversed(a.nodes):
+        for u in n.users:
+            mod = a.module_of(u)
+            if u in found or (mod is not None and not is_attention(mod) and any(True for _ in mod.parameters())):
+                found.add(n)
+                break
+    return found
+
+
+@dataclass
+class _Candidate:
+    unit: int
+    node: fx.Node
+    size: tuple[int, ...]
+    convs: int
+    merges: int
+    depth: int  # of the outermost module whose output it is, in the whole model
+
+
+def _stage_candidates(a: _Analysis, ui: int, block_sites: Sequence[Site], smallest: tuple[int, ...] | None) -> tuple[list[_Candidate], tuple[int, ...] | None, bool]:
+    """One unit's possible stage ends, the smallest resolution seen after it, and whether the
+    backbone ended in it (a feature map larger than one before it: a decoder, neck or head)."""
     convs = [a.index[c] for c, _ in conv_units(a)]
     merges = [a.index[a.by_key[s.key]] for s in block_sites if s.used]
-    groups: list[list[fx.Node]] = []
-    for n in _cut_vertices(a):
+    stop, ended = len(a.nodes), False
+    for n in a.nodes:
         ok, _ = a.feature_map(n)
         if not ok:
             continue
-        size = _tensor_info(n).shape[2:]  # type: ignore[union-attr]
-        if groups and _tensor_info(groups[-1][-1]).shape[2:] == size:  # type: ignore[union-attr]
-            groups[-1].append(n)
-        else:
-            groups.append([n])
+        size = tuple(_tensor_info(n).shape[2:])  # type: ignore[union-attr]
+        if smallest is not None and len(size) == len(smallest) and any(s > m for s, m in zip(size, smallest)):
+            stop, ended = a.index[n], True
+            break
+        smallest = size if smallest is None or len(size) != len(smallest) else tuple(min(s, m) for s, m in zip(size, smallest))
+    whole = a.unit.path == ""
+    learnable = _learnable_after(a)
     last = a.scope_last_nodes()
-    ends, prev = [], -1
-    for g in groups:
-        end = _shallowest_output(g, last)
-        n_convs = sum(prev < i <= a.index[end] for i in convs)
-        n_merges = sum(prev < i <= a.index[end] for i in merges)
-        if n_convs >= 2 or n_merges >= 1:
-            ends.append(end)
-            prev = a.index[end]
+    base = a.unit.path.count(".") + 1 if a.unit.path else 0
+    outer = (a.unit.returned_by or a.unit.path).count(".")
+    out, prev = [], -1
+    for n in _cut_vertices(a, stop):
+        ok, _ = a.feature_map(n)
+        if not ok or (whole and (n is a.returned or n not in learnable)):
+            continue
+        idx = a.index[n]
+        depth = outer if not whole and n is a.returned else base + _scope_depth(n, last)
+        size = tuple(_tensor_info(n).shape[2:])  # type: ignore[union-attr]
+        out.append(_Candidate(ui, n, size, sum(prev < i <= idx for i in convs), sum(prev < i <= idx for i in merges), depth))
+        prev = idx
+    return out, smallest, ended
+
+
+def stage_ends(analyses: Sequence[_Analysis], blocks: Sequence[Sequence[Site]]) -> list[list[fx.Node]]:
+    """The output node of each backbone stage, per unit (see the module doc): the traced parts
+    are taken in the order they run, as one model."""
+    candidates: list[_Candidate] = []
+    smallest = None
+    for ui, a in enumerate(analyses):
+        found, smallest, ended = _stage_candidates(a, ui, blocks[ui], smallest)
+        candidates.extend(found)
+        if ended:
+            break
+    groups: list[list[_Candidate]] = []
+    for c in candidates:
+        if groups and groups[-1][-1].size == c.size:
+            groups[-1].append(c)
+        else:
+            groups.append([c])
+    ends: list[list[fx.Node]] = [[] for _ in analyses]
+    chosen: list[tuple[_Analysis, fx.Node]] = []
+    convs = merges = 0
+    for gi, g in enumerate(groups):
+        pool = g
+        if gi == len(groups) - 1 and len(chosen) >= 2:
+            # the last level: stay in the module that holds the earlier stages (smp's encoder, not
+            # the FPN lateral conv at the same resolution)
+            owners = {_outer(x, n) for x, n in chosen}
+            pool = [c for c in g if len(owners) == 1 and _outer(analyses[c.unit], c.node) in owners] or g
+        # the last one at this resolution that is the output of the shallowest module (so an
+        # expand conv inside the next block does not count)
+        best = min(c.depth for c in pool)
+        pick = [c for c in pool if c.depth == best][-1]
+        a, end = analyses[pick.unit], pick.node
+        upto = next(i for i, c in enumerate(g) if c.node is end)
+        convs += sum(c.convs for c in g[: upto + 1])
+        merges += sum(c.merges for c in g[: upto + 1])
+        rest = (sum(c.convs for c in g[upto + 1 :]), sum(c.merges for c in g[upto + 1 :]))
+        if convs >= 2 or merges >= 1:
+            ends[pick.unit].append(end)
+            chosen.append((a, end))
+            convs, merges = rest
+        else:
+            convs, merges = convs + rest[0], merges + rest[1]
     return ends
+
+
+def _outer(a: _Analysis, n: fx.Node) -> str:
+    """The model's top-level child that holds ``n`` ("" for the root's own ops)."""
+    stack = list((n.meta.get("nn_module_stack") or {}).values())
+    path = a.unit.full_name(stack[0][0]) if stack else a.unit.path
+    return path.split(".")[0] if path else ""
 
 
 def _scope_depth(n: fx.Node, last: dict[str, fx.Node]) -> int:
@@ -638,19 +809,12 @@ def _scope_depth(n: fx.Node, last: dict[str, fx.Node]) -> int:
     return min(depths) if depths else 1 << 20
 
 
-def _shallowest_output(group: list[fx.Node], last: dict[str, fx.Node]) -> fx.Node:
-    """The stage's end: among the articulation nodes at one resolution, the last one that is the
-    output of the shallowest module (so an expand conv inside the next block does not count)."""
-    best = min(_scope_depth(n, last) for n in group)
-    return [n for n in group if _scope_depth(n, last) == best][-1]
-
-
 def _stage_sites(a: _Analysis, ends: Sequence[fx.Node]) -> list[Site]:
     last = a.scope_last_nodes()
     sites = []
     for n in ends:
         scopes = [p for p, _ in (n.meta.get("nn_module_stack") or {}).values() if last.get(p) is n]
-        name = scopes[0] if scopes else a.keys[n]
+        name = "" if a.unit.path and n is a.returned else scopes[0] if scopes else a.keys[n]
         sites.append(_site(a, "stage", name, n, reason="stage output"))
     return sites
 
@@ -690,29 +854,41 @@ def _matcher(pattern: str):  # type: ignore[no-untyped-def]
 
 def find_unit_sites(unit: Unit, after: str) -> list[Site]:
     """All candidate sites of one traced unit for one placement, used or skipped, in graph order."""
-    a = _Analysis(unit)
-    blocks = _block_sites(a)  # stage ends need the residual merges whatever the placement
-    end_nodes = stage_ends(a, blocks)
-    if after == "conv":
-        sites = _conv_sites(a)
-    elif after == "block":
-        sites = blocks
-    elif after == "stage":
-        sites = _stage_sites(a, end_nodes)
-    else:
-        sites = _module_sites(a, after)
-    ends = [a.index[n] for n in end_nodes]
+    return find_sites_in([unit], after)
+
+
+def find_sites_in(units: Sequence[Unit], after: str) -> list[Site]:
+    """All candidate sites of the traced units of one model (in the order they run) for one
+    placement, used or skipped, in order. Stages are numbered across the units."""
+    analyses = [_Analysis(u) for u in units]
+    blocks = [_block_sites(a) for a in analyses]  # stage ends need the residual merges whatever the placement
+    end_nodes = stage_ends(analyses, blocks)
     out = []
-    for s in sites:
-        idx = a.index[a.by_key[s.key]]
-        stage = 1 + sum(e < idx for e in ends)
-        rel = s.name[len(unit.path) + 1 :] if unit.path else s.name
-        out.append(replace(s, stage=stage, module_name=cbam_module_name(unit.path, rel)))
+    before = 0
+    for a, unit_blocks, unit_ends in zip(analyses, blocks, end_nodes):
+        unit = a.unit
+        if after == "conv":
+            sites = _conv_sites(a)
+        elif after == "block":
+            sites = unit_blocks
+        elif after == "stage":
+            sites = _stage_sites(a, unit_ends)
+        else:
+            sites = _module_sites(a, after)
+        ends = [a.index[n] for n in unit_ends]
+        for s in sites:
+            idx = a.index[a.by_key[s.key]]
+            stage = 1 + before + sum(e < idx for e in ends)
+            rel = s.name[len(unit.path) + 1 :] if unit.path else s.name  # "" for the unit's own output
+            out.append(replace(s, stage=stage, module_name=cbam_module_name(unit.path, rel)))
+        before += len(ends)
     return out
 
 
 def cbam_module_name(unit_path: str, key: str) -> str:
     """``layer1.0.conv1`` -> ``layer1.0.cbam_conv1``; ``layer1.0.add`` -> ``layer1.0.cbam_add``."""
+    if not key:  # the output of the traced part itself
+        return f"{unit_path}.cbam" if unit_path else "cbam"
     parent, _, leaf = key.rpartition(".")
     leaf = re.sub(r"[^0-9A-Za-z_]", "_", leaf)
     name = f"{parent}.cbam_{leaf}" if parent else f"cbam_{leaf}"

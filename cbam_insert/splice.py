@@ -1,9 +1,21 @@
 """The rewrite: insert one CBAM module per used site, rewire the site's users, recompile.
 
-For a ``conv``, ``stage`` or ``module`` site every user of the site's node reads the CBAM output
-instead. For a ``block`` site only the merge reads it: CBAM sits on the residual branch, and any
-other user of the branch tensor still sees the original. The same splice is applied to the
-eval-mode and the train-mode graph of a unit (by node key), so both modes share the modules.
+For a ``conv``, ``stage`` or ``module`` site every user of the site's tensor reads the CBAM output
+instead. For a ``block`` site only the merge reads it, on the residual branch: the users of the
+branch tensor through which the merge is reached (in train mode that can be a drop-path mask's
+multiplication before the merge), while any other reader still sees the original.
+
+Every graph of a unit gets each CBAM: the eval-mode graph and, where ``self.training`` changes
+the code (dropout, stochastic depth, auxiliary heads), the train-mode graph. A site is found in
+each by its ``Anchor`` (the module call or op that defines it), never by node name, and must have
+the same shape there; one that is missing from a graph is skipped with the reason. After the
+splice, each CBAM is called exactly once in every graph and its output reaches the graph's output.
+
+What the unit becomes: the whole model becomes an ``fx.GraphModule`` (a ``ModeGraphModule`` when
+the modes differ). A traced submodule stays the same object: its forward becomes the rewritten
+graphs (``forward.GraphForward``) traced with every module that holds no site kept as a call to
+the host's own module, and a site that is the submodule's own output becomes a forward hook
+(``forward.OutputCBAM``), so that the host's later edits of those modules still take effect.
 
 New modules are attached inside the module tree at ``Site.module_name`` (``layer1.0.cbam_add``):
 every original parameter keeps its state-dict key and the new keys are deterministic.
@@ -18,17 +30,19 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
 from .errors import CBAMInsertError
+from .forward import GraphForward, OutputCBAM
 from .modules import CBAM
 from .sites import Site
-from .trace import ModeGraphModule, Unit, node_key
+from .trace import ModeGraphModule, TensorInfo, Unit, anchors, mode_graphs, propagate
 
-__all__ = ["set_submodule", "splice_unit"]
+__all__ = ["Spliced", "set_submodule", "splice_unit"]
 
 
 def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -54,51 +68,200 @@ def _free_name(root: nn.Module, name: str) -> str:
     return f"{name}_{k}"
 
 
-def splice_unit(
-    unit: Unit, sites: Sequence[Site], make: Callable[[Site], nn.Module], reuse_input: bool = True
-) -> tuple[nn.Module, list[str]]:
-    """Insert ``make(site)`` after each used site of ``unit``; return the unit's new module and
-    the qualified names the CBAM modules got (``_2``, ``_3`` … when a name was taken).
-    With ``reuse_input``, modules whose input tensor nothing else reads get ``reuse_input=True``.
+@dataclass
+class Spliced:
+    """What ``splice_unit`` did: the unit's module afterwards, the qualified CBAM name of each
+    placed site (by site name) and, for sites it could not place, the reason."""
 
-    The returned module is a ``GraphModule`` (or a ``ModeGraphModule`` when train and eval
-    graphs differ) whose submodules are the unit's own, plus the new CBAM modules.
-    """
+    module: nn.Module
+    names: dict[str, str]
+    skipped: dict[str, str]
+
+
+def splice_unit(unit: Unit, sites: Sequence[Site], make: Callable[[Site], nn.Module], reuse_input: bool = True) -> Spliced:
+    """Insert ``make(site)`` after each used site of ``unit`` (see the module doc).
+    With ``reuse_input``, modules whose input tensor nothing else reads get ``reuse_input=True``."""
     root = unit.module
     prefix = f"{unit.path}." if unit.path else ""
-    names: list[str] = []
+    partial = unit.path != ""
+    mine = [s for s in sites if s.used and s.unit == unit.path]
+    # a container's own forward would call a new child: a Sequential root gets a rewritten forward
+    hooked = {s.name for s in mine if partial and s.output and s.operand_anchor is None and not isinstance(root, _CONTAINERS)}
+    in_graph = [s for s in mine if s.name not in hooked]
+    graphs = _final_graphs(unit, in_graph) if in_graph else {}
+    spots: dict[str, dict[str, tuple[fx.Node, fx.Node | None]]] = {}
+    skipped: dict[str, str] = {}
+    index = {mode: {anc.key: n for n, anc in anchors(g).items()} for mode, g in graphs.items()}
+    for site in in_graph:
+        found = {}
+        for mode in graphs:
+            spot, why = _locate(index[mode], site)
+            if spot is None:
+                skipped[site.name] = f"not found in the {mode}-mode graph ({why})"
+                break
+            found[mode] = spot
+        else:
+            spots[site.name] = found
+    names: dict[str, str] = {}
     made: dict[str, nn.Module] = {}
-    for site in sites:
-        if not site.used or site.unit != unit.path:
+    for site in mine:
+        if site.name in skipped:
             continue
-        rel = site.module_name[len(prefix) :]
-        name = _free_name(root, rel)
+        name = _free_name(root, _home(root, site.module_name[len(prefix) :]) if partial else site.module_name[len(prefix) :])
         cbam = make(site)
         set_submodule(root, name, cbam)
-        if unit.gm is not root:
-            set_submodule(unit.gm, name, cbam)
-        names.append(name)
+        names[site.name] = prefix + name
+        if site.name in hooked:
+            root.register_forward_hook(OutputCBAM(name))
+            continue
         made[name] = cbam
-        placed = 0
-        for graph in unit.graphs.values():
-            placed += _insert(graph, site, name, type(cbam))
-        if not placed:  # pragma: no cover - sites come from these graphs
-            raise CBAMInsertError(f"internal: site {site.name} not found in its graph")
-    for graph in unit.graphs.values():
+        for mode, (node, merge) in spots[site.name].items():
+            _insert(graphs[mode], node, merge, name, type(cbam))
+    for mode, graph in graphs.items():
         graph.lint()
+        _check_calls(graph, set(made), mode)
     if reuse_input:
-        calls = [_module_calls(graph, set(made)) for graph in unit.graphs.values()]
+        calls = [_module_calls(graph, set(made)) for graph in graphs.values()]
         for name, cbam in made.items():
             if isinstance(cbam, CBAM):  # the only module that can write into its input
                 cbam.reuse_input = all(_reusable(c.get(name, []), root) for c in calls)
+    if not graphs:
+        return Spliced(root, names, skipped)
+    if partial:
+        root.__dict__["forward"] = GraphForward.from_graphs(root, graphs)
+        return Spliced(root, names, skipped)
     class_name = type(unit.module).__name__
-    if "train" in unit.graphs:
-        gm: fx.GraphModule = ModeGraphModule(root, unit.graphs["train"], unit.graphs["eval"], class_name)
+    if "train" in graphs:
+        gm: fx.GraphModule = ModeGraphModule(root, graphs["train"], graphs["eval"], class_name)
     else:
-        gm = fx.GraphModule(root, unit.graphs["eval"], class_name)
+        gm = fx.GraphModule(root, graphs["eval"], class_name)
     _adopt_tree(gm, root)
     gm.train(unit.module.training)
-    return gm, [prefix + n for n in names]
+    return Spliced(gm, names, skipped)
+
+
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def _home(root: nn.Module, name: str) -> str:
+    """Where a new module goes in a traced part: not inside a container (``nn.Sequential``,
+    ``nn.ModuleList``), which the host's code may call or iterate as it is (ultralytics' C2f
+    runs ``for m in self.m``): ``layer2.0.downsample.cbam_0`` -> ``layer2.0.cbam_downsample_0``."""
+    parent, _, leaf = name.rpartition(".")
+    parts = parent.split(".") if parent else []
+    k = len(parts)
+    while k > 0 and isinstance(root.get_submodule(".".join(parts[:k])), _CONTAINERS):
+        k -= 1
+    if k == len(parts):
+        return name
+    rest = "_".join(parts[k:])
+    tail = leaf.removeprefix("cbam_")
+    new = f"cbam_{rest}_{tail}" if tail else f"cbam_{rest}"
+    return ".".join([*parts[:k], new])
+
+
+def _final_graphs(unit: Unit, sites: Sequence[Site]) -> dict[str, fx.Graph]:
+    """The graphs the splice rewrites, with tensor metadata in each mode.
+
+    The whole model: the graph the sites were found on and its train-mode twin. A submodule:
+    traced again with only the modules that hold a site traced through (the others stay calls);
+    when that trace fails or disagrees with the first one about the output, the full trace."""
+    root = unit.module
+    if unit.path == "":
+        graphs = mode_graphs(root, unit.leaf_types, eval_graph=None if isinstance(root, fx.GraphModule) else unit.graphs["eval"])
+    else:
+        inside = {p for s in sites for anc in (s.anchor, s.operand_anchor) if anc is not None for p in anc.inside}
+        try:
+            graphs = mode_graphs(root, unit.leaf_types, inside)
+        except Exception:  # noqa: BLE001 - the full trace worked: use it
+            graphs = mode_graphs(root, unit.leaf_types)
+        if _output_info(graphs["eval"], root, unit.args) != _output_info(unit.graphs["eval"]):
+            graphs = mode_graphs(root, unit.leaf_types)
+    for mode, graph in graphs.items():
+        if not (mode == "eval" and graph is unit.graphs["eval"]):
+            propagate(fx.GraphModule(root, graph), unit.args, training=mode == "train")
+        graph.owning_module = None  # call_module checks targets on it: the CBAMs go on ``root``
+    return graphs
+
+
+def _output_info(graph: fx.Graph, root: nn.Module | None = None, args: Sequence[object] = ()) -> object:
+    if root is not None:
+        propagate(fx.GraphModule(root, graph), args)
+    out = next(n for n in reversed(graph.nodes) if n.op == "output")
+    value = out.args[0]
+    return value.meta.get("cbam_info") if isinstance(value, fx.Node) else None
+
+
+def _locate(index: dict[tuple[object, ...], fx.Node], site: Site) -> tuple[tuple[fx.Node, fx.Node | None] | None, str]:
+    """The node to refine and, for a block site, its merge; or None and why not."""
+    if site.anchor is None:
+        return None, "no anchor"
+    node = index.get(site.anchor.key)
+    if node is None:
+        return None, f"no {site.anchor.describe()}"
+    merge = None
+    if site.operand_anchor is not None:
+        merge, node = node, index.get(site.operand_anchor.key)
+        if node is None:
+            return None, f"no {site.operand_anchor.describe()}"
+        if not _reaches(node, merge):
+            return None, f"{site.operand_anchor.describe()} does not feed the merge"
+    info = node.meta.get("cbam_info")
+    if not isinstance(info, TensorInfo):
+        return None, "no tensor shape there"
+    if tuple(info.shape) != tuple(site.shape):
+        return None, f"shape {list(info.shape)} there, {list(site.shape)} here"
+    return (node, merge), ""
+
+
+def _reaches(src: fx.Node, dst: fx.Node) -> bool:
+    return src in _ancestors(dst, src)
+
+
+def _ancestors(node: fx.Node, stop: fx.Node) -> set[fx.Node]:
+    """Nodes from which ``node`` is reachable, not walking above ``stop`` (graph order)."""
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    floor = order[stop]
+    seen: set[fx.Node] = set()
+    todo = [node]
+    while todo:
+        n = todo.pop()
+        for p in n.all_input_nodes:
+            if p not in seen and order[p] >= floor:
+                seen.add(p)
+                todo.append(p)
+    return seen
+
+
+def _insert(graph: fx.Graph, node: fx.Node, merge: fx.Node | None, name: str, kind: type = CBAM) -> None:
+    with graph.inserting_after(node):
+        new = graph.call_module(name, (node,))
+    if merge is None:
+        node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+    else:
+        feeds = _ancestors(merge, node) | {merge}
+        for user in list(node.users):
+            if user is not new and user in feeds:
+                user.replace_input_with(node, new)
+    new.meta["cbam_info"] = node.meta.get("cbam_info")
+    stack = dict(node.meta.get("nn_module_stack") or {})
+    if node.op == "call_module" and stack:
+        stack.popitem()
+    stack[name] = (name, kind)
+    new.meta["nn_module_stack"] = stack
+    new.meta["cbam_returns"] = [name]
+    new.meta["cbam_key"] = name
+
+
+def _check_calls(graph: fx.Graph, names: set[str], mode: str) -> None:
+    """Each CBAM in ``names`` is called once in ``graph`` and its output reaches the output."""
+    out = next(n for n in reversed(graph.nodes) if n.op == "output")
+    live = _ancestors(out, next(iter(graph.nodes)))
+    calls = _module_calls(graph, names)
+    for name in sorted(names):
+        got = calls.get(name, [])
+        if len(got) != 1 or got[0] not in live:
+            raise CBAMInsertError(f"internal: {name} is called {len(got)} time(s) in the {mode}-mode graph, or its output is unused")
 
 
 def _adopt_tree(gm: fx.GraphModule, root: nn.Module) -> None:
@@ -126,30 +289,6 @@ def _adopt_tree(gm: fx.GraphModule, root: nn.Module) -> None:
     for name in gm._buffers:
         if name not in root._buffers:  # a constant the tracer lifted out of forward (_tensor_constant0)
             gm._non_persistent_buffers_set.add(name)
-
-
-def _insert(graph: fx.Graph, site: Site, name: str, kind: type = CBAM) -> int:
-    by_key: dict[str, fx.Node] = {k: n for n, k in node_key(graph).items()}
-    node = by_key.get(site.key)
-    if node is None:
-        return 0
-    anchor = by_key.get(site.operand) if site.operand is not None else node
-    if anchor is None:
-        return 0
-    with graph.inserting_after(anchor):
-        new = graph.call_module(name, (anchor,))
-    if site.operand is not None:
-        node.replace_input_with(anchor, new)
-    else:
-        anchor.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
-    new.meta["cbam_key"] = name
-    new.meta["cbam_info"] = anchor.meta.get("cbam_info")
-    stack = dict(anchor.meta.get("nn_module_stack") or {})
-    if anchor.op == "call_module" and stack:
-        stack.popitem()
-    stack[name] = (name, kind)
-    new.meta["nn_module_stack"] = stack
-    return 1
 
 
 # module classes whose forward returns a new tensor (their own forward, not a subclass's)
