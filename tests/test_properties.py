@@ -71,7 +71,7 @@ def _expected_sites(model: nn.Module, x: torch.Tensor, after: str) -> dict[str, 
 
     handles = []
     for name, mod in model.named_modules():
-        if after == "conv" and isinstance(mod, nn.modules.conv._ConvNd):
+        if after == "conv" and isinstance(mod, nn.modules.conv._ConvNd) and mod.out_channels > 1:  # one channel: skipped
             handles.append(mod.register_forward_hook(record(name, "")))
         if after == "block" and isinstance(mod, ResBlock):
             handles.append(mod.register_forward_hook(record(name, f"{name}.branch.{len(mod.branch) - 1}.norm")))

@@ -143,8 +143,8 @@ ENTRIES: tuple[Entry, ...] = (
     Entry("transformers:ConvNeXt", _hf("ConvNextConfig", "ConvNextForImageClassification", **_SMALL_HF)),
     Entry("transformers:RegNet", _hf("RegNetConfig", "RegNetForImageClassification", embedding_size=16, groups_width=8, **_SMALL_HF)),
     Entry("transformers:MobileNetV2", _hf("MobileNetV2Config", "MobileNetV2ForImageClassification", image_size=64)),
-    Entry("transformers:EfficientNet", _hf("EfficientNetConfig", "EfficientNetForImageClassification", image_size=64, width_coefficient=1.0, depth_coefficient=1.0)),
-    *(Entry(f"smp:{a}/{e}", _smp(a, e)) for a, e in (
+    Entry("transformers:EfficientNet", _hf("EfficientNetConfig", "EfficientNetForImageClassification", image_size=64, width_coefficient=1.0, depth_coefficient=1.0, hidden_dim=1280)),
+    *(Entry(f"smp:{a}/{e}", _smp(a, e), (2, 3, 128, 128) if a == "PAN" else (2, 3, 64, 64)) for a, e in (
         ("Unet", "resnet18"), ("Unet", "efficientnet-b0"), ("FPN", "resnet18"), ("FPN", "efficientnet-b0"),
         ("DeepLabV3Plus", "resnet18"), ("DeepLabV3Plus", "efficientnet-b0"), ("Linknet", "resnet18"),
         ("PSPNet", "resnet18"), ("UnetPlusPlus", "resnet18"), ("PAN", "resnet18"),
@@ -385,6 +385,21 @@ def render_markdown(rows: Sequence[Row], command: str, seconds: float) -> str:
         "",
         f"Command: `{command}`. Machine: {_machine()}. Full run: {seconds / 60:.1f} min.",
         "",
+        (
+            "How these models are patched. A model whose whole forward traces becomes an `fx.GraphModule` "
+            "(one graph per training mode). Otherwise (ultralytics, smp's FPN/DeepLabV3+, transformers' "
+            "output dataclasses...) the largest submodules that trace are patched and everything else is left "
+            "as it is: a patched submodule stays the same object of the same class (properties, methods and "
+            "attributes intact, through `deepcopy` and pickling); its forward becomes the rewritten code, which "
+            "calls the host's own child modules wherever nothing inside them changed, and a CBAM on the "
+            "submodule's own output is a forward hook, so host edits such as ultralytics `fuse()` keep working "
+            "and keep CBAM. A child whose forward does not trace (transformers' `MobileNetV2ConvLayer` computes "
+            "padding with `int()`) is kept whole as an opaque layer and the rest still gets sites; the "
+            "*untraced parts* column counts what the dry run lists with the reason. Every site is found again "
+            "in the train-mode graph by what defines it (module call, or op and shape within its module), "
+            "so stochastic depth and dropout written in Python never detach a CBAM in training."
+        ),
+        "",
         "| model | placement | status | sites used | skipped | untraced parts | skip reasons / detail |",
         "|---|---|---|---:|---:|---:|---|",
     ]
@@ -409,11 +424,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--models", help="comma-separated globs over library:name (default: all)")
     ap.add_argument("--placements", default=",".join(PLACEMENTS))
     ap.add_argument("--output", default=str(DOC), help="markdown file, or - for stdout")
-    ap.add_argument("--json", help="also write the rows as JSON here")
+    ap.add_argument("--json", help="also write the rows as JSON here (with the run's time)")
+    ap.add_argument("--render", help="only write the table of a JSON file a run wrote")
     args = ap.parse_args(argv)
+    if args.render:
+        data = json.loads(Path(args.render).read_text())
+        rows = [Row(**r) for r in data["rows"]]
+        _write(render_markdown(rows, data["command"], data["seconds"]), args.output)
+        return 0
     torch.set_num_threads(max(1, int(os.environ.get("ECOSYSTEM_THREADS", "1"))))
     entries = select(args.models.split(",") if args.models else None)
     placements = [p for p in args.placements.split(",") if p]
+    command = " ".join([COMMAND, *(argv if argv is not None else sys.argv[1:])])
     start = time.perf_counter()
     rows: list[Row] = []
     for entry in entries:
@@ -422,14 +444,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         for r in got:
             print(f"{r.model:40s} {r.placement:6s} {r.status:4s} {r.used:3d} used {r.seconds:6.1f}s {r.detail[:100]}", file=sys.stderr, flush=True)
         if args.json:
-            Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=1))
-    command = " ".join([COMMAND, *(argv if argv is not None else sys.argv[1:])])
-    text = render_markdown(rows, command, time.perf_counter() - start)
-    if args.output == "-":
+            data = {"command": command, "seconds": time.perf_counter() - start, "rows": [asdict(r) for r in rows]}
+            Path(args.json).write_text(json.dumps(data, indent=1))
+    _write(render_markdown(rows, command, time.perf_counter() - start), args.output)
+    return 0 if all(r.status != "fail" for r in rows) else 1
+
+
+def _write(text: str, output: str) -> None:
+    if output == "-":
         sys.stdout.write(text)
     else:
-        Path(args.output).write_text(text)
-    return 0 if all(r.status != "fail" for r in rows) else 1
+        Path(output).write_text(text)
 
 
 if __name__ == "__main__":
