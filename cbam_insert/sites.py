@@ -22,7 +22,7 @@ are candidates depends on the placement:
   the shallowest module (an untraced parent counts: ultralytics' C2f returns its ``cv2``), when
   the stretch before it holds at least two conv units or one residual block. The model's output
   and maps no learnable layer reads (logits, masks) are never stage ends, and the last stage
-  stays in the module that holds the earlier ones (smp's encoder, not the FPN lateral conv).
+  stays in the module that holds the earlier ones (smp's encoder, not the FPN lateral conv or PAN's pooling).
 * a module name, glob or regex (``"layer4.*.bn3"``, ``"re:layer[34]\\..*"``) or a class name
   (``"Bottleneck"``): the output of every matching module.
 
@@ -771,13 +771,15 @@ def stage_ends(analyses: Sequence[_Analysis], blocks: Sequence[Sequence[Site]]) 
     ends: list[list[fx.Node]] = [[] for _ in analyses]
     chosen: list[tuple[_Analysis, fx.Node]] = []
     convs = merges = 0
-    for gi, g in enumerate(groups):
+    for g in groups:
         pool = g
-        if gi == len(groups) - 1 and len(chosen) >= 2:
-            # the last level: stay in the module that holds the earlier stages (smp's encoder, not
-            # the FPN lateral conv at the same resolution)
-            owners = {_outer(x, n) for x, n in chosen}
-            pool = [c for c in g if len(owners) == 1 and _outer(analyses[c.unit], c.node) in owners] or g
+        owners = {_outer(x, n) for x, n in chosen}
+        if len(chosen) >= 2 and len(owners) == 1:
+            # stay in the module that holds the earlier stages: smp's encoder, not the FPN lateral
+            # conv at the same resolution nor the pyramid pooling of PAN's decoder below it
+            pool = [c for c in g if _outer(analyses[c.unit], c.node) in owners]
+            if not pool:
+                break
         # the last one at this resolution that is the output of the shallowest module (so an
         # expand conv inside the next block does not count)
         best = min(c.depth for c in pool)
