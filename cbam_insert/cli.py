@@ -478,7 +478,7 @@ def _run(
                 )
                 report = patched.cbam_report
             except NoSiteError as exc:
-                if _already_patched(model):  # a file this tool wrote: convert it, do not patch again
+                if _already_patched(model, exc.sites) and not dry_run:  # this tool's file: convert, not patch again
                     from .adapter import remove_cbam
 
                     patched, model, converted = model, remove_cbam(model), True
@@ -487,6 +487,8 @@ def _run(
                     raise
                 else:
                     report, why_none = PatchReport(after, exc.sites, [], [], exc.untraced, module), _one_line(exc)
+                    if _already_patched(model, exc.sites):
+                        why_none += "; already patched: -o FILE converts it to another format without patching again"
             except CBAMInsertError as exc:
                 hint = _input_shape_problem(model, shape) if shape is not None else None
                 if hint is not None:
@@ -587,10 +589,15 @@ def _run_yolo(
         _print(console, what, soft_wrap=True)
 
 
-def _already_patched(model: Any) -> bool:
-    """Whether ``model`` is one this tool patched (a file it wrote): finding no new site, it is converted."""
+def _already_patched(model: Any, sites: Any) -> bool:
+    """Whether patching found no new site because ``model`` is one this tool patched (a file it
+    wrote) and its sites already have CBAM: then it is converted instead."""
     recipe = getattr(model, "cbam_recipe", None)
-    return isinstance(recipe, dict) and bool(recipe.get("steps"))
+    return (
+        isinstance(recipe, dict)
+        and bool(recipe.get("steps"))
+        and any(s.reason.startswith("already has CBAM") for s in sites)
+    )
 
 
 def _whole_report(model: Any) -> Any:
