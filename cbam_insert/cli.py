@@ -596,7 +596,7 @@ def _already_patched(model: Any, sites: Any) -> bool:
     return (
         isinstance(recipe, dict)
         and bool(recipe.get("steps"))
-        and any(s.reason.startswith("already has CBAM") for s in sites)
+        and any(s.reason.startswith("already has ") for s in sites)
     )
 
 
