@@ -21,7 +21,7 @@ from typing import Annotated, Any
 import typer
 
 from . import __version__
-from .errors import CBAMInsertError
+from .errors import CBAMInsertError, escape
 from .options import Option, declared
 
 app = typer.Typer(
@@ -49,7 +49,8 @@ def _version(value: bool) -> None:
 
 
 def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
+    """One line, with any control character (a file's names may carry terminal escapes) escaped."""
+    return escape(" ".join(str(text).split()), limit=2000)
 
 
 def parse_shape(text: str) -> tuple[int, ...]:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import unicodedata
 
-__all__ = ["CBAMInsertError", "first_line", "require"]
+__all__ = ["CBAMInsertError", "escape", "first_line", "require"]
 
 
 class CBAMInsertError(Exception):
@@ -27,3 +28,15 @@ def require(module: str, purpose: str) -> None:
     """Raise a one-line error naming the extra to install when an optional package is missing."""
     if importlib.util.find_spec(module) is None:
         raise CBAMInsertError(f"{purpose} needs the {module} package: pip install 'cbam-insert[export]'")
+
+
+def escape(text: object, limit: int = 200) -> str:
+    """``text`` with every control, format (bidi) and non-printable character escaped, shortened."""
+    s = str(text)
+    out = []
+    for ch in s[:limit]:
+        if ch.isprintable() and unicodedata.category(ch) not in ("Cf", "Cs", "Co"):
+            out.append(ch)
+        else:
+            out.append(ascii(ch)[1:-1])
+    return "".join(out) + ("…" if len(s) > limit else "")

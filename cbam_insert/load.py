@@ -3,18 +3,21 @@
 ``load_model(source, arch=None, trust=False)`` reads
 
 * ``torchvision:NAME`` / ``timm:NAME``: the architecture with random weights;
-* a file from ``torch.save(model)``, WITHOUT running code from the file: PyTorch's weights-only
-  unpickler, allowing only the references that are data (see ``SafePickle``). Anything else is
-  refused with the offending references listed; ``trust=True`` (CLI ``--trust``) loads a file the
-  user trusts with the full unpickler;
+* a file from ``torch.save(model)``, WITHOUT running code from the file: this package's own pickle
+  interpreter (``unpickle``; docs/security.md has the rules) restores data and installed classes
+  and refuses anything else with the offending references listed; ``trust=True`` (CLI ``--trust``)
+  loads a file the user trusts with the full unpickler;
 * this tool's own ``pt`` file (a patched model): the unpatched structure is unpickled the same safe
   way, its recipe is replayed and the weights are loaded, so no generated code is ever unpickled;
-* a state dict (``.pth`` through the weights-only unpickler, or ``.safetensors``) together with
+* a state dict (``.pth`` through the same interpreter, or ``.safetensors``) together with
   ``arch="torchvision:NAME"``. When the weights carry a recipe (safetensors metadata, or the JSON file
   ``NAME.pth.recipe.json`` beside a ``.pth``) the patched model is rebuilt by replaying it.
 
 TorchScript archives, ``torch.export`` programs and ONNX files are refused with what to give instead
 (they are compiled graphs, not modules that can be patched).
+
+Whatever the file holds, ``load_model`` raises only ``CBAMInsertError``, with one line in which
+names from the file are escaped, and every size the file controls is bounded before it is allocated.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import torch
 from torch import nn
 
 from . import adapter
-from .errors import CBAMInsertError, first_line, require
+from .errors import CBAMInsertError, escape, first_line, require
 from .formats import ARCH_HINT, PT_VERSION, RECIPE_KEY, RECIPE_SUFFIX, is_spec
 from .integrations import ultralytics
 from .recipe import Recipe
@@ -37,6 +40,11 @@ from .specs import build_arch
 from .unpickle import unpickle
 
 __all__ = ["load_model"]
+
+MAX_RECIPE_BYTES = 4 << 20
+"""A recipe read from a file (JSON) is at most this long."""
+_MARKERS = ("_cbam_base", "cbam_recipe", "cbam_report")
+"""This tool's in-memory attributes of a patched model: never taken from a plain pickle."""
 
 
 def load_model(source: str | Path, arch: str | nn.Module | None = None, trust: bool = False) -> nn.Module:
@@ -47,6 +55,23 @@ def load_model(source: str | Path, arch: str | nn.Module | None = None, trust: b
     file with the full unpickler, which can run code from the file: only for files you trust.
     Raises ``CBAMInsertError`` with a one-line message for anything that cannot be loaded.
     """
+    try:
+        return _load(source, arch, trust)
+    except CBAMInsertError as exc:
+        text = str(exc)
+        clean = escape(" ".join(text.split()), limit=2000)
+        if clean == text:
+            raise
+        raise CBAMInsertError(clean) from None
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - any bad file is one line, whatever it made fail
+        raise CBAMInsertError(
+            f"{escape(source)}: cannot be loaded ({type(exc).__name__}: {escape(first_line(exc))})"
+        ) from exc
+
+
+def _load(source: str | Path, arch: str | nn.Module | None, trust: bool) -> nn.Module:
     text = str(source)
     if is_spec(text):
         if arch is not None:
@@ -121,6 +146,8 @@ def _from_object(obj: Any, path: Path, arch: str | nn.Module | None, trust: bool
     if isinstance(obj, nn.Module):
         if arch is not None:
             raise CBAMInsertError(f"{path}: holds a whole model; drop --arch")
+        _drop_markers(obj)
+        _check_layers(obj, path)
         return obj
     state = _as_state_dict(obj)
     if state is not None:
@@ -155,14 +182,72 @@ def _as_state_dict(obj: Any) -> dict[str, torch.Tensor] | None:
     return None
 
 
+def _drop_markers(model: nn.Module) -> None:
+    """Forget ``_cbam_base`` / ``cbam_recipe`` / ``cbam_report`` a plain pickle carries: a file could
+    plant them to make the tool save a structure other than the one it reports on."""
+    for mod in model.modules():
+        for key in _MARKERS:
+            mod.__dict__.pop(key, None)
+
+
+def _check_layers(model: nn.Module, path: Path) -> None:
+    """torch.nn layers whose declared sizes contradict their weights are a crafted file's lie: the
+    sizes are what the tool allocates from (an inferred input of ``in_channels`` channels)."""
+    for name, mod in model.named_modules():
+        weight = mod._parameters.get("weight") if "_parameters" in mod.__dict__ else None
+        want: tuple[int, ...] | None = None
+        if isinstance(mod, nn.modules.conv._ConvNd):
+            ints = (mod.in_channels, mod.out_channels, mod.groups, *mod.kernel_size)
+            if not all(type(v) is int and v > 0 for v in ints) or mod.in_channels % mod.groups:
+                raise _lie(path, name, mod, "channels, groups or kernel_size")
+            k = tuple(mod.kernel_size)
+            want = ((mod.in_channels, mod.out_channels // mod.groups, *k) if mod.transposed
+                    else (mod.out_channels, mod.in_channels // mod.groups, *k))  # fmt: skip
+        elif isinstance(mod, nn.Linear):
+            want = (mod.out_features, mod.in_features)
+        elif isinstance(mod, nn.modules.batchnorm._NormBase) and mod.affine:
+            want = (mod.num_features,)
+        elif isinstance(mod, nn.GroupNorm) and mod.affine:
+            want = (mod.num_channels,)
+        elif isinstance(mod, nn.Embedding):
+            want = (mod.num_embeddings, mod.embedding_dim)
+        if want is not None and isinstance(weight, torch.Tensor) and tuple(weight.shape) != want:
+            raise _lie(path, name, mod, f"sizes {want} but its weight has shape {tuple(weight.shape)}")
+
+
+def _lie(path: Path, name: str, mod: nn.Module, what: str) -> CBAMInsertError:
+    return CBAMInsertError(
+        f"{path}: module {escape(name) or '<model>'} ({type(mod).__name__}) declares {what}: a damaged or crafted file"
+    )
+
+
+def _parse_recipe(text: Any, where: str) -> Any:
+    """JSON text from a file as a recipe dict: bounded in size, nesting errors as one line."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", errors="replace")
+    if not isinstance(text, str):
+        raise CBAMInsertError(f"{where}: the recipe is not JSON text")
+    if len(text) > MAX_RECIPE_BYTES:
+        raise CBAMInsertError(f"{where}: the recipe is {len(text)} bytes, more than the {MAX_RECIPE_BYTES} allowed")
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise CBAMInsertError(f"{where}: the recipe is nested too deeply") from None
+    except ValueError as exc:
+        raise CBAMInsertError(f"{where}: the recipe is not valid JSON ({escape(first_line(exc))})") from None
+
+
 def _sidecar_recipe(path: Path) -> dict[str, Any] | None:
     side = path.with_name(path.name + RECIPE_SUFFIX)
     if not side.is_file():
         return None
     try:
-        return json.loads(side.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+        if side.stat().st_size > MAX_RECIPE_BYTES:
+            raise CBAMInsertError(f"{side}: a recipe larger than {MAX_RECIPE_BYTES} bytes")
+        text = side.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
         raise CBAMInsertError(f"{side}: not a readable recipe ({first_line(exc)})") from exc
+    return _parse_recipe(text, f"{side}: not a readable recipe;")
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
@@ -180,10 +265,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, An
             state[alias] = state[kept]
     recipe = None
     if RECIPE_KEY in meta:
-        try:
-            recipe = json.loads(meta[RECIPE_KEY])
-        except ValueError as exc:
-            raise CBAMInsertError(f"{path}: its recipe metadata is not valid JSON") from exc
+        recipe = _parse_recipe(meta[RECIPE_KEY], f"{path}: its recipe metadata")
     return state, recipe
 
 
@@ -252,11 +334,17 @@ def _rebuild(obj: dict[str, Any], path: Path, trust: bool = False) -> nn.Module:
     base, recipe, state = obj.get("base"), obj.get("recipe"), obj.get("state_dict")
     if not isinstance(base, nn.Module) or not isinstance(recipe, str) or _as_state_dict(state) is None:
         raise CBAMInsertError(f"{path}: a damaged cbam-insert file (base, recipe or state_dict missing)")
+    _drop_markers(base)
+    _check_layers(base, path)
+    recipe_dict = _parse_recipe(recipe, f"{path}: a damaged cbam-insert file;")
+    meta = sum(t.numel() for t in _tensors(base) if t.is_meta)
+    stored = sum(t.numel() for t in state.values())
+    if meta > stored:
+        raise CBAMInsertError(
+            f"{path}: its structure asks for {meta} parameter elements but the file stores {stored}: "
+            "a damaged or crafted file"
+        )
     _materialize(base)
-    try:
-        recipe_dict = json.loads(recipe)
-    except ValueError:
-        raise CBAMInsertError(f"{path}: a damaged cbam-insert file (its recipe is not JSON)") from None
     model = _replay(base, recipe_dict, path, trust)
     _load_state(model, state, path, True)
     model.train(bool(info.get("training", False)))
@@ -278,6 +366,10 @@ def _replay(model: nn.Module, recipe: Any, path: Path, trust: bool = False) -> n
         return apply_recipe(model, parsed, inplace=True, trust=trust)
     except CBAMInsertError as exc:
         raise CBAMInsertError(f"{path}: {exc}") from None
+
+
+def _tensors(model: nn.Module) -> list[torch.Tensor]:
+    return [t for m in model.modules() for t in (*m._parameters.values(), *m._buffers.values()) if t is not None]
 
 
 def _materialize(model: nn.Module) -> None:

@@ -82,6 +82,14 @@ def check_output(
         raise CBAMInsertError(f"output directory {path.parent} {what}")
     if path.exists() and not force:
         raise CBAMInsertError(f"output {path} exists; pass --force to overwrite it")
+    if fmt == "state-dict":  # the recipe goes beside the weights: the same rules for that file
+        side = _sidecar(path)
+        if source is not None and Path(source).exists() and _same_file(side, Path(source)):
+            raise CBAMInsertError(f"output {path} would write its recipe over the input file {side}; choose another -o")
+        if side.is_dir():
+            raise CBAMInsertError(f"{side} (where the recipe of {path.name} goes) is a directory")
+        if side.exists() and not force:
+            raise CBAMInsertError(f"{side} (the recipe beside {path.name}) exists; pass --force to overwrite it")
     return path, fmt
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
+import math
 import operator
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
@@ -623,6 +624,8 @@ def _descend(
 # ----------------------------------------------------------------------------- example inputs
 
 _DETECTION_NAMES = ("GeneralizedRCNN", "RetinaNet", "FCOS", "SSD")
+MAX_INFERRED_ELEMENTS = 1 << 24
+"""An inferred example input has at most this many elements (64 MiB of float32): 334 channels at 224x224."""
 
 
 def infer_example_inputs(model: nn.Module, size: int | None = None) -> tuple[Any, ...]:
@@ -645,6 +648,11 @@ def infer_example_inputs(model: nn.Module, size: int | None = None) -> tuple[Any
     gen = torch.Generator().manual_seed(0)
 
     def rand(*shape: int) -> torch.Tensor:
+        if math.prod(shape) > MAX_INFERRED_ELEMENTS:  # in_channels comes from the model, maybe a crafted file
+            raise CBAMInsertError(
+                f"cannot infer an example input: {type(first).__name__} has {c} input channels, so the usual "
+                f"input would be {'x'.join(map(str, shape))}; pass example_inputs (API) or --input-shape (CLI)"
+            )
         return torch.rand(*shape, generator=gen).to(device=device, dtype=dtype)
 
     if any(n in _DETECTION_NAMES for n in names):

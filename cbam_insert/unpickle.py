@@ -57,15 +57,46 @@ import torch
 from torch import nn
 
 from . import patched
-from .errors import CBAMInsertError
+from .errors import CBAMInsertError, escape, first_line
+from .formats import TRUST_HINT
 
-__all__ = ["LIMITS", "Limits", "UnsafeFile", "escape", "read_untrusted", "vet_global"]
-
-TRUST_HINT = "if you trust the file, pass --trust (API: load_model(..., trust=True))"
+__all__ = [
+    "LIMITS",
+    "Limits",
+    "UnsafeFile",
+    "escape",
+    "read_untrusted",
+    "read_untrusted_legacy",
+    "unpickle",
+    "vet_global",
+]
 
 
 class UnsafeFile(CBAMInsertError):
-    """A file the safe reader refuses or cannot read (one line, names escaped)."""
+    """A file the safe reader refuses (``refused``) or cannot read (one line, names escaped)."""
+
+    def __init__(self, message: str, refused: bool = True) -> None:
+        super().__init__(message)
+        self.refused = refused
+
+
+def _corrupt(what: str) -> UnsafeFile:
+    return UnsafeFile(what, refused=False)
+
+
+def unpickle(path: Path, kind: str, trust: bool) -> Any:
+    """The object a ``torch.save`` file holds: ``kind`` ``zip`` or ``legacy``; ``trust`` unpickles fully."""
+    if trust:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:  # noqa: BLE001 - whatever a trusted file's code raises
+            raise CBAMInsertError(f"{path}: cannot be read ({type(exc).__name__}: {escape(first_line(exc))})") from None
+    try:
+        loaded = read_untrusted(path) if kind == "zip" else read_untrusted_legacy(path)
+    except UnsafeFile as exc:
+        hint = f"; {TRUST_HINT}" if exc.refused else ""
+        raise CBAMInsertError(f"{path}: {exc}{hint}") from None
+    return loaded.obj
 
 
 @dataclass(frozen=True)
@@ -84,18 +115,6 @@ class Limits:
 LIMITS = Limits()
 
 # ----------------------------------------------------------------------------- escaping
-
-
-def escape(text: object, limit: int = 200) -> str:
-    """``text`` with every control, format (bidi) and non-printable character escaped, shortened."""
-    s = str(text)
-    out = []
-    for ch in s[:limit]:
-        if ch.isprintable() and unicodedata.category(ch) not in ("Cf", "Cs", "Co"):
-            out.append(ch)
-        else:
-            out.append(ascii(ch)[1:-1])
-    return "".join(out) + ("…" if len(s) > limit else "")
 
 
 def _is_clean_name(text: str) -> bool:
@@ -125,14 +144,6 @@ def _norm_name(mod: str, name: str) -> tuple[str, str]:
     return _compat_pickle.IMPORT_MAPPING.get(mod, mod), name
 
 
-def _path_is_under(path: Path, root: Path) -> bool:
-    try:
-        path.relative_to(root)
-        return True
-    except ValueError:
-        return False
-
-
 def _untrusted_roots() -> list[Path]:
     """The working directory and the script's directory: what ``sys.path`` may add implicitly."""
     roots = [Path.cwd().resolve()]
@@ -154,7 +165,7 @@ def _search_path() -> list[str]:
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _dist_files(top: str) -> frozenset[str]:
     """Absolute paths of every file the distributions providing ``top`` installed (their RECORD)."""
     from importlib.metadata import distribution, packages_distributions
@@ -164,7 +175,7 @@ def _dist_files(top: str) -> frozenset[str]:
     for dist_name in packages_distributions().get(top, []):
         try:
             dist = distribution(dist_name)
-        except Exception:  # noqa: BLE001 - a broken install provides nothing
+        except Exception:  # noqa: BLE001, S112 - a broken install provides nothing
             continue
         base = Path(str(dist.locate_file(""))).resolve()
         if base in bad:  # a .dist-info lying in the working directory is not an installation
@@ -283,7 +294,11 @@ def vet_global(mod: str, name: str) -> str:
     specs, why = _specs(mod)
     if why:
         return why
-    if not specs or specs[-1].origin is None or not _defines(os.path.normpath(str(Path(specs[-1].origin).resolve())), name):
+    if (
+        not specs
+        or specs[-1].origin is None
+        or not _defines(os.path.normpath(str(Path(specs[-1].origin).resolve())), name)
+    ):
         return f"{mod} does not define {name} with a class or def statement"
     return ""
 
@@ -295,7 +310,7 @@ def _resolve(mod: str, name: str) -> Any:
     except UnsafeFile:
         raise
     except BaseException as exc:  # noqa: BLE001 - SystemExit from a module's import too
-        raise UnsafeFile(f"cannot import {escape(mod)}: {escape(_first_line(exc))}") from None
+        raise UnsafeFile(f"cannot import {escape(mod)}: {escape(first_line(exc))}") from None
     obj: Any = module
     for part in name.split("."):
         space = getattr(obj, "__dict__", None)
@@ -307,11 +322,6 @@ def _resolve(mod: str, name: str) -> Any:
     ):
         raise UnsafeFile(f"{escape(mod)}.{escape(name)} is defined elsewhere (an alias, refused)")
     return obj
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 # ----------------------------------------------------------------------------- class rules
@@ -343,13 +353,19 @@ def _code_classes() -> tuple[type, ...]:
 
 def _class_problem(cls: type) -> str:
     """Why instances of ``cls`` cannot be restored without running its code, or ``""``."""
-    if type(cls) not in (type, enum.EnumMeta) and not (type(cls).__module__ == "abc" and type(cls).__name__ == "ABCMeta"):
+    if type(cls) not in (type, enum.EnumMeta) and not (
+        type(cls).__module__ == "abc" and type(cls).__name__ == "ABCMeta"
+    ):
         return "a class with a custom metaclass"
     if issubclass(cls, _code_classes()):
         return "a module class that carries code (GraphModule, TorchScript or torch.compile)"
     if issubclass(cls, enum.Enum):  # members are looked up by value, never created
         member_call = _defined_in(cls, "__call__")
-        return "" if member_call in (None, object) or member_call.__module__ == "enum" else "an enum whose members are callable"
+        return (
+            ""
+            if member_call in (None, object) or member_call.__module__ == "enum"
+            else "an enum whose members are callable"
+        )
     deleter = _defined_in(cls, "__del__")
     if deleter is not None and deleter is not object:
         return "a class with a finalizer (__del__ would run its code)"
@@ -523,10 +539,13 @@ _STORABLE_FUNCTIONS = frozenset(
 class _Reader:
     """One pass of the interpreter over ``data`` (after every name in it was vetted)."""
 
-    def __init__(self, data: bytes, storage: Callable[[tuple[Any, ...]], Any], stored: Callable[[], int] | None) -> None:
+    def __init__(
+        self, data: bytes, storage: Callable[[tuple[Any, ...]], Any], stored: Callable[[], int] | None
+    ) -> None:
         self.data = data
         self.storage = storage
         self.stored = stored  # bytes of tensor data read so far; None: checked by the caller
+        self.module_pids = False
         self.meta_elements = 0
         self.logical_bytes = 0
         self.globals: dict[tuple[str, str], _Global] = {}
@@ -568,14 +587,16 @@ class _Reader:
 
     def make_tuple(self, items: list[Any]) -> tuple[Any, ...]:
         t = tuple(items)
-        if any(isinstance(v, (_Global, _Partial)) or (isinstance(v, tuple) and id(v) in self.tuple_has_global) for v in t):
+        if any(
+            isinstance(v, (_Global, _Partial)) or (isinstance(v, tuple) and id(v) in self.tuple_has_global) for v in t
+        ):
             self.tuple_has_global.add(id(t))
             self.tuples[id(t)] = t  # keep it alive: ids must stay unique
         return t
 
     def key(self, k: Any) -> Any:
         k = self.store(k)
-        if isinstance(k, _PRIMITIVE) or isinstance(k, _DTYPE_TYPES):
+        if isinstance(k, (*_PRIMITIVE, *_DTYPE_TYPES)):
             return k
         if isinstance(k, tuple) and all(self.key(x) is x for x in k):
             return k
@@ -598,14 +619,18 @@ class _Reader:
                 continue
             if name == "STOP":
                 if len(stack) != 1 or marks:
-                    raise UnsafeFile("its pickle is corrupt (the stack is not one value at STOP)")
+                    raise _corrupt("its pickle is corrupt (the stack is not one value at STOP)")
                 return self.store(stack[0])
             if name in ("NONE",):
                 stack.append(None)
             elif name in ("NEWTRUE", "NEWFALSE"):
                 stack.append(name == "NEWTRUE")
             elif name in ("INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4", "FLOAT", "BINFLOAT"):
-                if name in ("LONG1", "LONG4", "LONG", "INT") and isinstance(arg, int) and arg.bit_length() > 8 * LIMITS.int_bytes:
+                if (
+                    name in ("LONG1", "LONG4", "LONG", "INT")
+                    and isinstance(arg, int)
+                    and arg.bit_length() > 8 * LIMITS.int_bytes
+                ):
                     raise UnsafeFile(f"its pickle holds an integer of more than {8 * LIMITS.int_bytes} bits")
                 stack.append(arg)
             elif name in ("STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE", "SHORT_BINUNICODE",
@@ -635,12 +660,12 @@ class _Reader:
                     stack.append(frozenset(self.key(v) for v in items))
                 else:
                     if len(items) % 2:
-                        raise UnsafeFile("its pickle is corrupt (odd DICT)")
+                        raise _corrupt("its pickle is corrupt (odd DICT)")
                     stack.append({self.key(items[i]): self.store(items[i + 1]) for i in range(0, len(items), 2)})
             elif name in ("TUPLE1", "TUPLE2", "TUPLE3"):
                 n = int(name[-1])
                 if len(stack) < n:
-                    raise UnsafeFile("its pickle is corrupt (stack underflow)")
+                    raise _corrupt("its pickle is corrupt (stack underflow)")
                 items = stack[len(stack) - n :]
                 del stack[len(stack) - n :]
                 stack.append(self.make_tuple(items))
@@ -715,10 +740,13 @@ class _Reader:
                 pid = stack.pop() if name == "BINPERSID" else arg
                 if not isinstance(pid, tuple):
                     raise UnsafeFile("its pickle has a persistent id that is not a tuple")
-                stack.append(self.storage(self.unwrap_pid(pid)))
+                if self.module_pids and len(pid) == 4 and pid[0] == "module" and isinstance(pid[1], _Global):
+                    stack.append(pid[1])  # an old-format file names a module class this way (its source is ignored)
+                else:
+                    stack.append(self.storage(self.unwrap_pid(pid)))
             else:
                 raise UnsafeFile(f"its pickle uses the opcode {name}, which the safe reader does not read")
-        raise UnsafeFile("its pickle is truncated (no STOP)")
+        raise _corrupt("its pickle is truncated (no STOP)")
 
     def unwrap_pid(self, pid: tuple[Any, ...]) -> tuple[Any, ...]:
         out = []
@@ -857,9 +885,11 @@ class _Reader:
         if not isinstance(args, tuple) or not isinstance(kwds, dict):
             raise UnsafeFile("a functools.partial with unusual arguments")
         for v in list(args) + list(kwds.values()):
-            if not isinstance(v, (bool, type(None), float, int)) or (
-                isinstance(v, int) and not isinstance(v, bool) and not 0 <= v <= LIMITS.partial_int
-            ) or (isinstance(v, float) and not math.isfinite(v)):
+            if (
+                not isinstance(v, (bool, type(None), float, int))
+                or (isinstance(v, int) and not isinstance(v, bool) and not 0 <= v <= LIMITS.partial_int)
+                or (isinstance(v, float) and not math.isfinite(v))
+            ):
                 raise UnsafeFile(f"a functools.partial of {escape(func.full)} with the argument {escape(repr(v))}")
         if not all(isinstance(k, str) and k.isidentifier() for k in kwds):
             raise UnsafeFile("a functools.partial with unusual keyword names")
@@ -923,7 +953,11 @@ def _parameter(r: _Reader, data: Any, requires_grad: Any, hooks: Any = None, sta
     return p
 
 
-_REBUILDS = ("torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_tensor", "torch._utils._rebuild_meta_tensor_no_storage")
+_REBUILDS = (
+    "torch._utils._rebuild_tensor_v2",
+    "torch._utils._rebuild_tensor",
+    "torch._utils._rebuild_meta_tensor_no_storage",
+)
 
 
 def _from_type(r: _Reader, func: Any, new_type: Any, args: Any, state: Any = None) -> Any:
@@ -948,7 +982,10 @@ def _tensor_state(t: torch.Tensor, state: Any) -> None:
     if not state:
         return
     if not isinstance(state, dict) or not all(
-        isinstance(k, str) and k.isidentifier() and not k.startswith("__") and isinstance(v, (bool, int, float, str, type(None)))
+        isinstance(k, str)
+        and k.isidentifier()
+        and not k.startswith("__")
+        and isinstance(v, (bool, int, float, str, type(None)))
         for k, v in state.items()
     ):
         raise UnsafeFile("a tensor with extra state that is not plain attributes")
@@ -1068,7 +1105,7 @@ class _Archive:
             self.zf = zipfile.ZipFile(path)
             infos = self.zf.infolist()
         except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
-            raise UnsafeFile(f"a damaged zip archive ({escape(_first_line(exc))})") from None
+            raise _corrupt(f"a damaged zip archive ({escape(first_line(exc))})") from None
         pkls = [i for i in infos if i.filename.endswith("/data.pkl") or i.filename == "data.pkl"]
         if len(pkls) != 1:
             raise UnsafeFile("a zip archive without exactly one PyTorch pickle (data.pkl)")
@@ -1088,7 +1125,7 @@ class _Archive:
             with self.zf.open(info) as fh:
                 data = fh.read(limit + 1)
         except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as exc:
-            raise UnsafeFile(f"a damaged zip archive ({escape(_first_line(exc))})") from None
+            raise _corrupt(f"a damaged zip archive ({escape(first_line(exc))})") from None
         if len(data) > limit:
             raise UnsafeFile(f"{escape(info.filename)} unpacks to more than {limit} bytes")
         return data
@@ -1125,9 +1162,9 @@ class _Archive:
                         break
                     got_bytes += n
         except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
-            raise UnsafeFile(f"a damaged zip archive ({escape(_first_line(exc))})") from None
+            raise _corrupt(f"a damaged zip archive ({escape(first_line(exc))})") from None
         if got_bytes != nbytes:
-            raise UnsafeFile(f"storage {escape(key)} is truncated")
+            raise _corrupt(f"storage {escape(key)} is truncated")
         self.stored += nbytes
         st = _Storage(buf.untyped_storage(), dtype, numel, itemsize)
         self.cache[key] = st
@@ -1139,9 +1176,7 @@ def _scan_names(data: bytes) -> list[tuple[str, str]]:
     names: list[tuple[str, str]] = []
     strings: list[Any] = []  # the last pushed values, for STACK_GLOBAL
     memo: dict[int, Any] = {}
-    ops = 0
-    for op, arg, _ in pickletools.genops(data):
-        ops += 1
+    for ops, (op, arg, _) in enumerate(pickletools.genops(data), 1):
         if ops > LIMITS.opcodes:
             raise UnsafeFile(f"its pickle has more than {LIMITS.opcodes} operations")
         n = op.name
@@ -1214,7 +1249,7 @@ def read_untrusted(path: Path) -> Loaded:
     try:
         names = _scan_names(data)
     except ValueError as exc:
-        raise UnsafeFile(f"its pickle is corrupt or truncated ({escape(_first_line(exc))})") from None
+        raise _corrupt(f"its pickle is corrupt or truncated ({escape(first_line(exc))})") from None
     refused = []
     for mod, name in dict.fromkeys(names):
         why = vet_global(mod, name)
@@ -1230,7 +1265,7 @@ def read_untrusted(path: Path) -> Loaded:
         raise
     except (ValueError, IndexError, KeyError, TypeError, struct.error, RuntimeError, OverflowError,
             AttributeError, MemoryError, RecursionError) as exc:  # fmt: skip
-        raise UnsafeFile(f"its pickle is corrupt or truncated ({escape(_first_line(exc))})") from None
+        raise _corrupt(f"its pickle is corrupt or truncated ({escape(first_line(exc))})") from None
     if reader.restored:
         raise UnsafeFile("an object was created but never given its state")
     _check_depth(obj)
@@ -1248,7 +1283,7 @@ def read_untrusted_legacy(path: Path) -> Loaded:
         try:
             buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
         except (ValueError, OSError) as exc:
-            raise UnsafeFile(f"cannot map the file ({escape(_first_line(exc))})") from None
+            raise UnsafeFile(f"cannot map the file ({escape(first_line(exc))})") from None
     with buf:
         return _Legacy(buf).read()
 
@@ -1276,6 +1311,7 @@ class _Legacy:
             raise UnsafeFile("a storage in an old-format header")
 
         reader = _Reader(data, storage or no_storage, lambda: self.claimed)
+        reader.module_pids = True
         self.reader = reader
         return reader.run()
 
@@ -1285,7 +1321,7 @@ class _Legacy:
         for op, _arg, pos in pickletools.genops(chunk):
             if op.name == "STOP":
                 return self.pos + pos + 1
-        raise UnsafeFile("a pickle without an end")
+        raise _corrupt("a pickle without an end")
 
     def read(self) -> Loaded:
         try:
@@ -1302,7 +1338,7 @@ class _Legacy:
             def storage(pid: tuple[Any, ...]) -> _Storage:
                 if len(pid) != 6 or pid[0] != "storage" or pid[5] is not None:
                     raise UnsafeFile("a storage reference this reader does not know (a view of a storage?)")
-                _, dtype, key, location, numel, _view = pid
+                _, dtype, key, _location, numel, _view = pid
                 if not isinstance(key, str) or not key.isalnum() or type(numel) is not int or numel < 0:
                     raise UnsafeFile("a storage reference with unusual fields")
                 if key in self.storages:
@@ -1324,7 +1360,7 @@ class _Legacy:
             for key in keys:
                 st = by_key[key]
                 if self.pos + 8 > len(self.buf):
-                    raise UnsafeFile("truncated (a storage's size is missing)")
+                    raise _corrupt("truncated (a storage's size is missing)")
                 (count,) = struct.unpack("<q", self.buf[self.pos : self.pos + 8])
                 self.pos += 8
                 nbytes = count * st.itemsize
@@ -1339,6 +1375,6 @@ class _Legacy:
             raise
         except (ValueError, IndexError, KeyError, TypeError, struct.error, RuntimeError, OverflowError,
                 AttributeError, MemoryError, RecursionError) as exc:  # fmt: skip
-            raise UnsafeFile(f"corrupt or truncated ({escape(_first_line(exc))})") from None
+            raise _corrupt(f"corrupt or truncated ({escape(first_line(exc))})") from None
         _check_depth(obj)
         return Loaded(obj, self.stored, self.reader.meta_elements)

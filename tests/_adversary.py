@@ -90,18 +90,18 @@ EVILPKG = {
 
         from os import system  # an alias: importable as evilpkg.system, defined elsewhere
     ''',
-    "evilpkg/__main__.py": '''
+    "evilpkg/__main__.py": """
         import evilpkg
         evilpkg._touch()
         class X:
             pass
-    ''',
-    "evilpkg/sideeffect.py": '''
+    """,
+    "evilpkg/sideeffect.py": """
         import evilpkg
         evilpkg._touch()  # importing this module is the side effect
         class Thing:
             pass
-    ''',
+    """,
 }
 
 SHADOW = {
@@ -127,7 +127,11 @@ def install_evilpkg(site: Path) -> Path:
     info.mkdir(exist_ok=True)
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: evilpkg\nVersion: 1.0\n")
     (info / "top_level.txt").write_text("evilpkg\n")
-    record += ["evilpkg-1.0.dist-info/METADATA,,", "evilpkg-1.0.dist-info/top_level.txt,,", "evilpkg-1.0.dist-info/RECORD,,"]
+    record += [
+        "evilpkg-1.0.dist-info/METADATA,,",
+        "evilpkg-1.0.dist-info/top_level.txt,,",
+        "evilpkg-1.0.dist-info/RECORD,,",
+    ]
     (info / "RECORD").write_text("\n".join(record) + "\n")
     return site
 
@@ -199,7 +203,9 @@ def write_archive(path: Path, pkl: bytes, storages: dict[str, bytes] | None = No
                   deflate_storages: bool = False) -> Path:  # fmt: skip
     """A zip laid out like ``torch.save``'s (``archive/data.pkl``, ``archive/data/KEY``)."""
     with zipfile.ZipFile(path, "w") as zf:
-        zf.writestr(zipfile.ZipInfo("archive/data.pkl"), pkl, zipfile.ZIP_DEFLATED if deflate_pickle else zipfile.ZIP_STORED)
+        zf.writestr(
+            zipfile.ZipInfo("archive/data.pkl"), pkl, zipfile.ZIP_DEFLATED if deflate_pickle else zipfile.ZIP_STORED
+        )
         zf.writestr("archive/byteorder", "little")
         for key, data in (storages or {}).items():
             zf.writestr(zipfile.ZipInfo(f"archive/data/{key}"), data,
@@ -268,7 +274,7 @@ def child_env(site: Path, marker: Path, **extra: str) -> dict[str, str]:
     return env | extra
 
 
-BATCH = r'''
+BATCH = r"""
 import contextlib, io, json, os, resource, signal, sys, time
 files = json.loads(sys.argv[1])
 results = []
@@ -300,7 +306,7 @@ for name, argv, cwd, limit in files:
                     "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
     with open(os.environ["BATCH_OUT"], "w") as fh:
         json.dump({"base_mb": base / 1024, "results": results}, fh)
-'''
+"""
 
 
 def run_batch(cases: list[tuple[str, list[str], Path]], *, site: Path, marker: Path, work: Path,

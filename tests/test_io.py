@@ -137,7 +137,7 @@ def test_cbam_weights_without_recipe_name_the_missing_recipe(patched, tmp_path):
 def test_a_recipe_for_another_arch_or_a_damaged_one_is_one_line(patched, tmp_path):
     save_model(patched, tmp_path / "w.pth")
     msg = _one_line_error(load_model, tmp_path / "w.pth", arch="torchvision:resnet34")
-    assert "does not fit" in msg and "w.pth" in msg
+    assert "not fit" in msg and "w.pth" in msg  # the recorded sites exist in resnet34 too: the weights differ
     side = tmp_path / f"w.pth{RECIPE_SUFFIX}"
     recipe = json.loads(side.read_text())
     recipe["steps"][0]["example_inputs"] = {"tuple": [{"shape": [10**6, 3, 10**4, 10**4], "dtype": "float32"}]}
@@ -214,14 +214,14 @@ def test_a_pickle_that_calls_a_module_class_is_refused(tmp_path):
     model.extra = _Evil(nn.Linear, 2, 2)  # REDUCE runs Linear.__init__: a call, not a restore
     torch.save(model, tmp_path / "m.pt")
     msg = _one_line_error(load_model, tmp_path / "m.pt")
-    assert "torch.nn.modules.linear.Linear" in msg and "calls it" in msg
+    assert "torch.nn.modules.linear.Linear" in msg and "it calls" in msg
 
 
 def test_partial_of_a_function_is_refused(tmp_path):
     model = nn.Sequential(nn.Conv2d(3, 4, 3))
     model.hook = functools.partial(exec, "1")
     torch.save(model, tmp_path / "m.pt")
-    assert "functools.partial" in _one_line_error(load_model, tmp_path / "m.pt")
+    assert "builtins.exec" in _one_line_error(load_model, tmp_path / "m.pt")
 
 
 class TinyNet(nn.Module):
@@ -244,21 +244,26 @@ def test_user_module_class_and_layer_partial_load_without_trust(tmp_path):
     assert torch.equal(loaded(X), net(X))
 
 
-def test_a_newer_pickle_protocol_is_named_not_called_corrupt(tmp_path):
-    torch.save(nn.Conv2d(3, 4, 3), tmp_path / "m.pt", pickle_protocol=4)
-    msg = _one_line_error(load_model, tmp_path / "m.pt")
-    assert "protocol 4" in msg and "--trust" in msg
-    assert isinstance(load_model(tmp_path / "m.pt", trust=True), nn.Conv2d)
+def test_newer_pickle_protocols_load_too(tmp_path):
+    for protocol in (3, 4, 5):
+        torch.save(nn.Conv2d(3, 4, 3), tmp_path / "m.pt", pickle_protocol=protocol)
+        loaded = load_model(tmp_path / "m.pt")
+        assert isinstance(loaded, nn.Conv2d) and loaded.weight.shape == (4, 3, 3, 3)
 
 
-def test_pre_zip_format_loads_plain_weights_and_names_the_way_out_for_models(resnet, tmp_path):
+def test_pre_zip_format_loads_weights_and_models_under_the_same_rules(resnet, tmp_path):
     torch.save(resnet.state_dict(), tmp_path / "w.pth", _use_new_zipfile_serialization=False)
     loaded = load_model(tmp_path / "w.pth", arch="torchvision:resnet18").eval()
     with torch.no_grad():
         assert torch.equal(loaded(X), resnet(X))
-    torch.save(nn.Conv2d(3, 4, 3), tmp_path / "m.pt", _use_new_zipfile_serialization=False)
-    msg = _one_line_error(load_model, tmp_path / "m.pt")
-    assert "old-format" in msg and "--trust" in msg
+    torch.save(resnet, tmp_path / "m.pt", _use_new_zipfile_serialization=False)
+    with torch.no_grad():
+        assert torch.equal(load_model(tmp_path / "m.pt").eval()(X), resnet(X))
+    evil = nn.Sequential(nn.Conv2d(3, 4, 3))
+    evil.payload = PAYLOADS["builtins.exec"](tmp_path / "marker")
+    torch.save(evil, tmp_path / "e.pt", _use_new_zipfile_serialization=False)
+    assert "builtins.exec" in _one_line_error(load_model, tmp_path / "e.pt")
+    assert not (tmp_path / "marker").exists()
 
 
 def test_resnet_saved_with_torch_save_loads_without_trust(resnet, tmp_path):
