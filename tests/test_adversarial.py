@@ -461,6 +461,11 @@ def test_the_suite_prints_its_figures(batch):
           f"peak {run.peak_mb:.0f} MB (+{run.peak_mb - base:.0f} MB); slowest {slowest['name']} {slowest['wall_s']:.2f} s")  # fmt: skip
     for name, r in sorted(results.items(), key=lambda kv: -kv[1]["wall_s"])[:5]:
         print(f"  {name}: {r['wall_s']:.2f} s, high-water {r['peak_mb']:.0f} MB")
+    previous = base
+    for r in results.values():  # in run order: where the high-water mark rose
+        if r["peak_mb"] > previous + 20:
+            print(f"  high-water +{r['peak_mb'] - previous:.0f} MB at {r['name']}")
+        previous = r["peak_mb"]
     assert len(results) == len(CASES)
 
 
@@ -558,9 +563,8 @@ def test_a_planted_cbam_base_is_not_trusted(tmp_path):
     again = load_model(tmp_path / "out.pt").eval()
     with torch.no_grad():
         assert torch.equal(again(X), patched.eval()(X))
-    assert (
-        isinstance(again.get_submodule("0"), nn.Conv2d) and again[0].in_channels == 3 and again[0].kernel_size == (3, 3)
-    )
+    first = again.get_submodule("0")
+    assert isinstance(first, nn.Conv2d) and first.in_channels == 3 and first.kernel_size == (3, 3)  # not the planted 1x1
 
 
 def test_restored_classes_and_reviewed_values_still_load(evil, tmp_path):
@@ -595,7 +599,7 @@ def test_a_library_model_saved_by_this_tool_reloads_without_trust(tmp_path, buil
     elif build == "monai":
         from monai.networks.nets import SegResNet
 
-        model = SegResNet(spatial_dims=2, in_channels=1, out_channels=2, init_filters=4)
+        model = SegResNet(spatial_dims=2, in_channels=1, out_channels=2, init_filters=8)
     elif build == "efficientnet_pytorch":
         model = lib.EfficientNet.from_name("efficientnet-b0")
     elif build == "ultralytics":
