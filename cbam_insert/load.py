@@ -65,7 +65,7 @@ def load_model(source: str | Path, arch: str | nn.Module | None = None, trust: b
         raise CBAMInsertError(clean) from None
     except (KeyboardInterrupt, SystemExit):
         raise
-    except BaseException as exc:  # noqa: BLE001 - any bad file is one line, whatever it made fail
+    except BaseException as exc:  # any bad file is one line, whatever it made fail
         raise CBAMInsertError(
             f"{escape(source)}: cannot be loaded ({type(exc).__name__}: {escape(first_line(exc))})"
         ) from exc

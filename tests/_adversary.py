@@ -152,7 +152,7 @@ class Reduce:
     def __init__(self, func: Any, args: tuple = (), state: Any = None) -> None:
         self.func, self.args, self.state = func, args, state
 
-    def __reduce__(self):  # noqa: D105
+    def __reduce__(self):
         return (self.func, self.args) if self.state is None else (self.func, self.args, self.state)
 
 
@@ -163,10 +163,10 @@ class NewObj:
         self.cls, self.state, self.args = cls, state, args
 
     @property  # type: ignore[misc]
-    def __class__(self):  # noqa: D105 - pickle checks that __newobj__'s class is the object's
+    def __class__(self):
         return self.cls
 
-    def __reduce__(self):  # noqa: D105
+    def __reduce__(self):
         import copyreg
 
         return (copyreg.__newobj__, (self.cls, *self.args), self.state)

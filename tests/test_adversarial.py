@@ -12,7 +12,6 @@ from __future__ import annotations
 import collections
 import copyreg
 import functools
-import io
 import json
 import os
 import random
@@ -24,10 +23,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
-
-from cbam_insert import CBAMInsertError, insert_cbam, load_model, save_model
-
 from _adversary import (
     NewObj,
     Reduce,
@@ -37,13 +32,15 @@ from _adversary import (
     op_global,
     op_int,
     op_str,
-    pickle_bytes,
     replace_pickle,
     run_batch,
     run_measured,
     write_archive,
     write_shadow,
 )
+from torch import nn
+
+from cbam_insert import CBAMInsertError, insert_cbam, load_model, save_model
 
 TIME_LIMIT_S = 20
 MEMORY_LIMIT_MB = 1536
@@ -414,7 +411,7 @@ CASES = _cases()
 
 
 def _build(name, evil, work, marker):
-    site, ev = evil
+    _, ev = evil
     path = work / f"{name}.pt"
     CASES[name][1](path, ev, marker)
     return path
@@ -564,7 +561,9 @@ def test_a_planted_cbam_base_is_not_trusted(tmp_path):
     with torch.no_grad():
         assert torch.equal(again(X), patched.eval()(X))
     first = again.get_submodule("0")
-    assert isinstance(first, nn.Conv2d) and first.in_channels == 3 and first.kernel_size == (3, 3)  # not the planted 1x1
+    assert (
+        isinstance(first, nn.Conv2d) and first.in_channels == 3 and first.kernel_size == (3, 3)
+    )  # not the planted 1x1
 
 
 def test_restored_classes_and_reviewed_values_still_load(evil, tmp_path):
