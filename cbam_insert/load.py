@@ -142,7 +142,10 @@ def _from_object(obj: Any, path: Path, arch: str | nn.Module | None, trust: bool
     if ultralytics.is_yolo_checkpoint(obj):
         if arch is not None:
             raise CBAMInsertError(f"{path}: an Ultralytics checkpoint holds its model; drop --arch")
-        return ultralytics.from_checkpoint(obj)
+        model = ultralytics.from_checkpoint(obj)
+        _drop_markers(model)
+        _check_layers(model, path)
+        return model
     if isinstance(obj, nn.Module):
         if arch is not None:
             raise CBAMInsertError(f"{path}: holds a whole model; drop --arch")

@@ -426,13 +426,26 @@ _MODULE_DEFAULTS = (
     "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks", "_backward_pre_hooks",
 )  # fmt: skip
 _HOOK_DICTS = frozenset(_MODULE_DEFAULTS) | {"_backward_hooks", "_forward_hooks"}
+_HOOK_FLAGS = frozenset({"_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs"})
+_REVIEWED_HOOKS = frozenset({
+    # this package's Ultralytics integration: applies the module's own ``cbam`` child to its output
+    "cbam_insert.integrations.ultralytics.CBAMHook",
+})  # fmt: skip
 
 
 def _restore_module(inst: nn.Module, state: dict[str, Any]) -> None:
     """What ``nn.Module.__setstate__`` (and torch.nn's reviewed overrides) do, without calling them."""
     for key, hooks in state.items():
-        if key in _HOOK_DICTS and hooks:
-            raise UnsafeFile(f"a module carries {key} (hooks are code the model would call)")
+        if key not in _HOOK_DICTS or not hooks:
+            continue
+        if not isinstance(hooks, dict):
+            raise UnsafeFile(f"a module's {key} is not a dict")
+        for hook in hooks.values():
+            if key in _HOOK_FLAGS and isinstance(hook, bool):
+                continue  # which hooks take kwargs / always run: flags, not code
+            kind = type(hook)
+            if f"{kind.__module__}.{kind.__qualname__}" not in _REVIEWED_HOOKS:
+                raise UnsafeFile(f"a module carries {key} with a {escape(kind.__name__)} (hooks are code the model would call)")
     d = object.__getattribute__(inst, "__dict__")
     d.update(state)
     for key in _MODULE_DEFAULTS:

@@ -255,6 +255,12 @@ def _cases():
         net._forward_hooks[0] = ev.touch
         torch.save(net, p)
 
+    @case("module_instance_as_a_forward_hook", 3)
+    def _(p, ev, m):
+        net = small_net()
+        net._forward_hooks[0] = NewObj(ev.Net, module_state())
+        torch.save(net, p)
+
     # 4. imports -------------------------------------------------------------------------------
     @case("alias_of_a_stdlib_function", 4)
     def _(p, ev, m):
