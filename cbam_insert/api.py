@@ -33,7 +33,7 @@ from torch import nn
 from . import __version__
 from .attention import ModuleChoice, check_keeps_shape, choose, is_attention
 from .attrs import keep_through_deepcopy
-from .errors import CBAMInsertError
+from .errors import CBAMInsertError, escape
 from .integrations.transformers import record_recipe
 from .meta import meta_copy
 from .modules import CBAMConfig
@@ -243,6 +243,7 @@ def insert_attention(
     seed: int | None = None,
     reuse_input: bool = True,
     trust: bool = True,
+    _sites: Sequence[str] | None = None,
     **module_options: Any,
 ) -> nn.Module:
     """Return ``model`` with an attention module spliced in at every selected site.
@@ -284,10 +285,15 @@ def insert_attention(
     if base is None:
         base = meta_copy(model, keep_non_persistent=True)
     work = model if inplace else copy.deepcopy(model)
-    traced, planned = _plan(work, after, inputs, sel)
+    if _sites is None:
+        traced, planned = _plan(work, after, inputs, sel)
+    else:  # a replay: the recorded site names decide; no pattern from the recipe is matched
+        traced, planned = _plan(work, after if after in PLACEMENTS else _EVERY_MODULE, inputs, Selection())
     sites = [_for_module(s, choice) for s in planned]
     if allow_repatch:
         sites = [_allow(s) for s in sites]
+    if _sites is not None:
+        sites = _exactly(sites, _sites)
     used = [s for s in sites if s.used]
     if not used:
         refused = sorted({s.reason for s, p in zip(sites, planned) if p.used and not s.used})
@@ -301,6 +307,9 @@ def insert_attention(
             torch.manual_seed(seed)
 
         def make(site: Site) -> nn.Module:
+            hidden = choice.options.get("hidden") if isinstance(choice.options, dict) else None
+            if isinstance(hidden, int) and hidden > site.channels:
+                raise CBAMInsertError(f"hidden={hidden} is wider than the {site.channels} channels at {site.name}")
             dtype = getattr(torch, site.dtype) if site.dtype else None
             try:
                 made = choice.build(site.channels, len(site.shape) - 2).to(dtype=dtype)
@@ -325,6 +334,7 @@ def insert_attention(
         allow_repatch=allow_repatch,
         seed=seed,
         reuse_input=reuse_input,
+        sites=tuple(s.name for s in sites if s.used),
     )
     try:
         recipe = Recipe.from_json(previous) if previous is not None else Recipe()
@@ -338,6 +348,52 @@ def insert_attention(
     record_recipe(result)  # a transformers model's config carries it into save_pretrained's config.json
     _match_devices(result)
     return result
+
+
+_EVERY_MODULE = "re:.*"
+
+
+def _exactly(sites: list[Site], names: Sequence[str]) -> list[Site]:
+    """Keep exactly the sites named (a recipe's record); the error names the first one missing."""
+    wanted = set(names)
+    out = [s if not s.used or s.name in wanted else replace(s, used=False, reason="not in the recipe") for s in sites]
+    missing = [n for n in names if n not in {s.name for s in out if s.used}]
+    if missing:
+        raise CBAMInsertError(
+            f"the recipe does not fit this architecture: site {escape(missing[0])} is not found here; "
+            "build the same architecture"
+        )
+    return out
+
+
+def _module_key(name: str) -> tuple[str, str]:
+    """``layer1.0.se_add_2`` -> ``("layer1.0", "add")``: a module name without its prefix and repeat."""
+    parent, _, leaf = name.rpartition(".")
+    rest = leaf.split("_", 1)[-1]
+    head, _, tail = rest.rpartition("_")
+    return parent, head if head and tail.isdigit() else rest
+
+
+def _recorded_sites(model: nn.Module, step: Step, inputs: tuple[Any, ...]) -> tuple[str, ...] | None:
+    """The site names a step with a pattern patched: recorded (``sites``), or for an older recipe
+    found from its module names, so that the pattern need not be matched. ``None`` when the step
+    uses no pattern: then its placement and numeric filters replay as they are."""
+    if step.after in PLACEMENTS and not step.selection.include and not step.selection.exclude:
+        return None
+    if step.sites:
+        return step.sites
+    _, sites = _plan(model, step.after if step.after in PLACEMENTS else _EVERY_MODULE, inputs, Selection())
+    if step.allow_repatch:
+        sites = [_allow(s) for s in sites]
+    by_key = {_module_key(s.module_name): s.name for s in sites if s.used}
+    names = []
+    for m in step.modules:
+        if _module_key(m) not in by_key:
+            raise CBAMInsertError(
+                f"the recipe does not fit this architecture: module {escape(m)} has no site here; build the same architecture"
+            )
+        names.append(by_key[_module_key(m)])
+    return tuple(names)
 
 
 def _for_module(site: Site, choice: ModuleChoice) -> Site:
@@ -422,10 +478,13 @@ def apply_recipe(
     out = model
     for i, step in enumerate(parsed.steps):
         sel = step.selection
+        inputs = make_inputs(step.example_inputs)
+        inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+        only = _recorded_sites(out, step, inputs)  # patterns from a recipe are never matched
         out = insert_attention(
             out,
             step.after,
-            make_inputs(step.example_inputs),
+            inputs,
             include=sel.include or None,
             exclude=sel.exclude or None,
             stages=sel.stages,
@@ -438,6 +497,7 @@ def apply_recipe(
             reuse_input=step.reuse_input,
             module=step.module,
             trust=trust,
+            _sites=only,
             **step.options,
         )
         got = out.cbam_report.modules

@@ -20,6 +20,7 @@ Example::
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,10 +32,18 @@ __all__ = ["FORMAT", "MAX_EXAMPLE_ELEMENTS", "MAX_STEPS", "Recipe", "Selection",
 
 FORMAT = "cbam-insert/recipe"
 VERSION = 1
-MAX_STEPS = 64
+MAX_STEPS = 16
 """A recipe replays at most this many steps (each one traces and patches the model)."""
-MAX_EXAMPLE_ELEMENTS = 1 << 28
-"""Elements a recipe's example inputs may ask for in all (they are allocated to replay the patch)."""
+MAX_EXAMPLE_ELEMENTS = 1 << 24
+"""Elements a recipe's example inputs may ask for in all (they are allocated to replay the patch:
+2^24 is 64 MiB of float32; a detector replayed on a 2^28-element input used 13 GB)."""
+MAX_TEXT = 256
+"""Characters of a placement, pattern or module name in a recipe."""
+MAX_KERNEL = 15
+"""The largest spatial kernel a recipe may ask for (odd sizes 1..15)."""
+MAX_WIDTH = 1 << 16
+"""The largest MLP width (``hidden``) or ``reduction`` a recipe may ask for; ``hidden`` must also
+not exceed the channels of the site it is used at."""
 _MAX_NESTING = 8
 
 
@@ -50,14 +59,56 @@ def _int(value: Any, what: str, low: int = 0, high: int = 1 << 31, optional: boo
     return value
 
 
+def _text(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not value or len(value) > MAX_TEXT or not value.isprintable():
+        raise _bad(f"{what} must be a printable string of 1 to {MAX_TEXT} characters")
+    return value
+
+
+def _pattern(value: Any, what: str) -> str:
+    """A placement or pattern: its regular expression (``re:``) must compile; replay never matches it."""
+    text = _text(value, what)
+    if text.startswith("re:"):
+        try:
+            re.compile(text[3:])
+        except (re.error, RecursionError, OverflowError) as exc:
+            raise _bad(f"{what} is not a regular expression ({exc})") from None
+    return text
+
+
 def _strings(value: Any, what: str) -> tuple[str, ...]:
     if value is None:
         return ()
     if isinstance(value, str):
-        return (value,)
-    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        return (_text(value, what),)
+    if not isinstance(value, (list, tuple)) or len(value) > 1 << 16:
         raise _bad(f"{what} must be a list of strings")
-    return tuple(value)
+    return tuple(_text(v, what) for v in value)
+
+
+_OPTION_BOUNDS = {"reduction": (1, MAX_WIDTH), "hidden": (1, MAX_WIDTH), "kernel_size": (1, MAX_KERNEL)}
+
+
+def _options(value: Any, where: str, key: str) -> dict[str, Any]:
+    """A step's module options, each a plain value of bounded size (the module checks the rest)."""
+    if not isinstance(value, dict) or not all(isinstance(k, str) and k.isidentifier() for k in value):
+        raise _bad(f"{where}: {key!r} must be an object of options")
+    for name, v in value.items():
+        if name in _OPTION_BOUNDS:
+            low, high = _OPTION_BOUNDS[name]
+            if not (name == "hidden" and v is None):
+                _int(v, f"{where}: {key}.{name}", low, high)
+            if name == "kernel_size" and v % 2 == 0:
+                raise _bad(f"{where}: {key}.{name} must be odd")
+        elif isinstance(v, list):
+            if len(v) > 8 or not all(isinstance(x, (str, int, float)) and not isinstance(x, bool)
+                                     and (not isinstance(x, str) or len(x) <= 32)
+                                     and (not isinstance(x, int) or abs(x) <= MAX_WIDTH) for x in v):  # fmt: skip
+                raise _bad(f"{where}: {key}.{name} must be a short list of names or numbers")
+        elif not (v is None or isinstance(v, (bool, float)) or (isinstance(v, str) and len(v) <= 32)
+                  or (isinstance(v, int) and abs(v) <= MAX_WIDTH)):  # fmt: skip
+            raise _bad(f"{where}: {key}.{name} must be a number, a flag or a short name")
+    return dict(value)
 
 
 @dataclass(frozen=True)
@@ -84,8 +135,8 @@ class Selection:
                 raise _bad("selection.stages must be [first, last]")
             stages = (_int(stages[0], "a stage", 1, 64), _int(stages[1], "a stage", 1, 64))
         return cls(
-            include=_strings(d.get("include"), "selection.include"),
-            exclude=_strings(d.get("exclude"), "selection.exclude"),
+            include=tuple(_pattern(p, "selection.include") for p in _strings(d.get("include"), "selection.include")),
+            exclude=tuple(_pattern(p, "selection.exclude") for p in _strings(d.get("exclude"), "selection.exclude")),
             stages=stages,  # type: ignore[arg-type]
             every=_int(d.get("every", 1), "selection.every", 1),  # type: ignore[arg-type]
             max_sites=_int(d.get("max_sites"), "selection.max_sites", 0, optional=True),
@@ -112,6 +163,9 @@ class Step:
     allow_repatch: bool = False
     seed: int | None = None
     reuse_input: bool = True
+    sites: tuple[str, ...] = ()
+    """The names of the sites the step patched, in order: a step with a pattern replays exactly
+    these, so no pattern from a file is ever matched against a model's names (``()`` in older recipes)."""
 
     @classmethod
     def from_json(cls, d: Any, index: int = 0) -> Step:
@@ -120,13 +174,16 @@ class Step:
         after = d.get("after")
         if not isinstance(after, str) or not after:
             raise _bad(f"step {index + 1}: 'after' must be a placement or a module pattern")
+        _pattern(after, f"step {index + 1}: 'after'")
         modules = d.get("modules")
-        if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
+        if not isinstance(modules, list):
             raise _bad(f"step {index + 1}: 'modules' must be a list of module names")
+        modules = _strings(modules, f"step {index + 1}: a module name")
+        sites = _strings(d.get("sites", ()), f"step {index + 1}: a site name")
+        if sites and len(sites) != len(modules):
+            raise _bad(f"step {index + 1}: 'sites' and 'modules' differ in length")
         key = "options" if "options" in d else "cbam"  # "cbam": recipes written before other modules
-        options = d.get(key, {})
-        if not isinstance(options, dict) or not all(isinstance(k, str) for k in options):
-            raise _bad(f"step {index + 1}: {key!r} must be an object of options")
+        options = _options(d.get(key, {}), f"step {index + 1}", key)
         module = d.get("module", "cbam")
         if not isinstance(module, str) or not module or len(module) > 256:
             raise _bad(f"step {index + 1}: 'module' must be a module name or pkg.mod:Class")
@@ -142,21 +199,23 @@ class Step:
                 raise _bad(f"step {index + 1}: {name!r} must be true or false")
         return cls(
             after=after,
-            modules=tuple(modules),
+            modules=modules,
             example_inputs=example,
             selection=Selection.from_json(d.get("selection")),
             options=dict(options),
             module=module,
             allow_repatch=d.get("allow_repatch", False),
-            seed=_int(d.get("seed"), f"step {index + 1}: seed", 0, (1 << 64) - 1, optional=True),
+            seed=_int(d.get("seed"), f"step {index + 1}: seed", 0, (1 << 63) - 1, optional=True),
             reuse_input=reuse,
+            sites=sites,
         )
 
     def to_json(self) -> dict[str, Any]:
         return {"after": self.after, "selection": self.selection.to_json(), "module": self.module,
                 "options": dict(self.options),
                 "allow_repatch": self.allow_repatch, "seed": self.seed, "reuse_input": self.reuse_input,
-                "example_inputs": self.example_inputs, "modules": list(self.modules)}  # fmt: skip
+                "example_inputs": self.example_inputs, "modules": list(self.modules),
+                **({"sites": list(self.sites)} if self.sites else {})}  # fmt: skip
 
 
 @dataclass(frozen=True)
