@@ -305,11 +305,11 @@ def _cases():
 
     @case("recipe_hidden_width_huge", 5)
     def _(p, ev, m):
-        _tool_pt(p, recipe_edit=lambda r: _step(r, cbam={"hidden": 1 << 30}))
+        _tool_pt(p, recipe_edit=lambda r: _step(r, options={"hidden": 1 << 30}))
 
     @case("recipe_kernel_huge", 5)
     def _(p, ev, m):
-        _tool_pt(p, recipe_edit=lambda r: _step(r, cbam={"kernel_size": 4001}))
+        _tool_pt(p, recipe_edit=lambda r: _step(r, options={"kernel_size": 4001}))
 
     @case("recipe_regex_backtracks", 5, "loads")
     def _(p, ev, m):
