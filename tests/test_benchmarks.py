@@ -79,3 +79,14 @@ def test_bench_model_profile_quick_prints_op_tables():
 def test_bench_cli_quick_runs_and_prints_the_ratio():
     proc = _run("benchmarks/bench_cli.py", "--quick")
     assert "ratio cbam-insert / import" in proc.stdout
+
+
+def test_bench_attention_quick_checks_each_module_against_its_reference_and_prints_ratios():
+    pytest.importorskip("timm")
+    out = _run("benchmarks/bench_attention.py", "--quick").stdout
+    rows = [line.split() for line in out.splitlines() if line.split() and line.split()[0] in
+            ("se", "eca", "coord", "simam", "bam", "gam", "triplet")]  # fmt: skip
+    assert [r[0] for r in rows] == ["se", "eca", "coord", "simam", "bam", "gam", "triplet"]
+    for r in rows:
+        ratios = [float(r[-4]), float(r[-1])]
+        assert all(math.isfinite(v) and v > 0 for v in ratios), r
