@@ -562,7 +562,9 @@ def trace_units(
     result = TraceResult([])
     try:
         result.units.append(_make_unit("", model, tuple(example_inputs), leaf_types, result))
-        return result
+        if not result.opaque:
+            return result
+        root_reason = None
     except CBAMInsertError:
         raise
     except Exception as exc:  # noqa: BLE001 - any trace failure means: go one level down
@@ -574,14 +576,37 @@ def trace_units(
             f"the model does not run on the example inputs ({_short_reason(exc, 240)}); "
             "pass example_inputs / --input-shape that its forward accepts"
         ) from exc
-    result = TraceResult([], [("", f"whole model: {root_reason}")] + result.skipped, result.opaque)
-    for path, child in model.named_children():
-        _descend(path, child, recorded, leaf_types, result)
+    if root_reason is not None:
+        result = TraceResult([], [("", f"whole model: {root_reason}")] + result.skipped, result.opaque)
+        for path, child in model.named_children():
+            _descend(path, child, recorded, leaf_types, result)
+    _descend_opaque(recorded, leaf_types, result)
     first_call = {path: i for i, path in enumerate(recorded)}
     result.units.sort(key=lambda u: first_call.get(u.path, len(first_call)))  # the order they run in
     for u in result.units:
         u.returned_by = outer.get(u.path, u.path)
     return result
+
+
+def _descend_opaque(recorded: dict[str, tuple[Any, ...]], leaf_types: Sequence[type], result: TraceResult) -> None:
+    """The submodules of an opaque leaf get traced as parts of their own (SSDLite's heads do not
+    trace, the convs in them do); the unit holding the leaf calls it as it is."""
+    done: set[str] = set()
+    k = 0
+    while k < len(result.units):
+        unit = result.units[k]
+        k += 1
+        if not result.opaque:
+            continue
+        for name, sub in unit.module.named_modules():
+            path = unit.full_name(name)
+            if not name or path in done or not isinstance(sub, tuple(result.opaque)):
+                continue
+            if any(path.startswith(d + ".") for d in done):
+                continue
+            done.add(path)
+            for child_name, child in sub.named_children():
+                _descend(f"{path}.{child_name}", child, recorded, leaf_types, result)
 
 
 def _descend(

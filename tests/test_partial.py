@@ -130,3 +130,15 @@ def test_cli_3d_monai_model_without_input_shape_prints_one_line(tmp_path) -> Non
     assert run.returncode == 1
     assert len(run.stderr.strip().splitlines()) == 1, run.stderr
     assert run.stderr.startswith("error: the model does not run on the example inputs")
+
+
+def test_submodules_of_an_opaque_leaf_are_traced_on_their_own() -> None:
+    """SSDLite's heads do not trace (they iterate a proxy), the convs inside them do: the head is
+    an opaque leaf in the traced ``head`` and its per-level convs are traced parts of their own."""
+    from torchvision.models.detection import ssdlite320_mobilenet_v3_large
+
+    model = ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None).eval()
+    sites = [s for s in find_sites(model, after="conv", example_inputs=([torch.rand(3, 320, 320)],)) if s.used]
+    assert any(s.name.startswith("head.regression_head.module_list.") for s in sites)
+    assert any(s.name.startswith("head.classification_head.module_list.") for s in sites)
+    assert len(sites) == 76
