@@ -169,6 +169,7 @@ class Row:
     reasons: list[str] = field(default_factory=list)  # the skip reasons, counted
     untraced: int = 0
     trust: bool = False  # the .pt round trip needed trust=True
+    half: bool = False  # the .pt file holds float16 weights (an Ultralytics checkpoint)
     detail: str = ""
     seconds: float = 0.0
 
@@ -277,7 +278,14 @@ def _pt_roundtrip(patched: nn.Module, x: torch.Tensor, row: Row) -> str | None:
             loaded = load_model(path)
         except CBAMInsertError:
             loaded, row.trust = load_model(path, trust=True), True
-    why = _differ(_run(patched, x, False), _run(loaded, x, False))
+    ref = patched
+    saved, got = patched.state_dict(), loaded.state_dict()
+    if set(saved) == set(got) and any(not torch.equal(saved[k], got[k]) for k in saved):
+        if not all(torch.equal(v.half().to(v.dtype) if v.is_floating_point() else v, got[k]) for k, v in saved.items()):
+            return ".pt round trip: the loaded weights differ"
+        ref, row.half = copy.deepcopy(patched), True  # stored as float16: compare with those weights
+        ref.load_state_dict(got)
+    why = _differ(_run(ref, x, False), _run(loaded, x, False))
     return f".pt round trip: {why}" if why else None
 
 
@@ -408,6 +416,8 @@ def render_markdown(rows: Sequence[Row], command: str, seconds: float) -> str:
         detail = r.detail if r.status != "pass" else what
         if r.trust:
             detail = (detail + "; " if detail else "") + ".pt loaded with trust=True"
+        if r.half:
+            detail = (detail + "; " if detail else "") + ".pt holds float16 weights (an Ultralytics checkpoint)"
         detail = detail.replace("|", "\\|")
         lines.append(f"| `{r.model}` | {r.placement} | {r.status} | {r.used} | {r.skipped} | {r.untraced} | {detail} |")
     return "\n".join(lines) + "\n"
