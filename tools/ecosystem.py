@@ -53,6 +53,9 @@ from torch import nn
 from cbam_insert import CBAMInsertError, insert_cbam, load_model, save_model
 from cbam_insert.modules import CBAM
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from zoo import gates_on
+
 PLACEMENTS = ("conv", "block", "stage")
 TOLERANCE = 1e-4
 COMMAND = "python tools/ecosystem.py"
@@ -223,17 +226,6 @@ def randomize(model: nn.Module) -> nn.Module:
             if isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)) and getattr(m, "weight", None) is not None:
                 m.weight.copy_(torch.rand(m.weight.shape, generator=gen) + 0.5)
     return model
-
-
-def gates_on(model: nn.Module) -> None:
-    """Identity-initialised CBAM modules become working ones (zero parameters become non-zero)."""
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, CBAM):
-                for p in m.parameters():
-                    if not p.any():
-                        p.copy_(torch.ones_like(p) if p.numel() == 1 else torch.randn(p.shape, generator=gen) * 0.1)
 
 
 def liveness(model: nn.Module, x: torch.Tensor, train: bool) -> str | None:

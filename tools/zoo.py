@@ -290,7 +290,7 @@ def _restore(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
             b.copy_(saved[k])
 
 
-def _gates_on(model: nn.Module) -> None:
+def gates_on(model: nn.Module) -> None:
     """Turn identity-initialised CBAM modules into working ones (zero parameters become non-zero)."""
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():
@@ -515,7 +515,7 @@ def _check_placement(
     row.flops_delta = macs_after - macs_before
 
     row.checks.append("gates on")
-    _gates_on(patched)
+    gates_on(patched)
     out_on = _run(patched, eval_args, train=False)
     problem = compare(ref_eval, out_on, values=False) if spec.task != "detection" else None
     if problem:
