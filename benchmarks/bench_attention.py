@@ -294,18 +294,31 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"attention modules on a {'x'.join(map(str, shape))} float32 map, {torch.get_num_threads()} thread(s), "
           f"torch {torch.__version__}, median of {rounds} interleaved rounds (ms)")  # fmt: skip
+    print("ratio: median ours / median reference; quartiles: of the per-round ratios (same round, paired)")
     print(
-        f"{'module':8} {'reference':26} {'fwd ours':>9} {'fwd ref':>9} {'ratio':>6} {'train ours':>10} {'train ref':>10} {'ratio':>6}"
+        f"{'module':8} {'reference':26} {'fwd ours':>9} {'fwd ref':>9} {'ratio':>6} {'quartiles':>11}"
+        f" {'train ours':>10} {'train ref':>10} {'ratio':>6} {'quartiles':>11}"
     )
     for name, (label, _, _) in pairs.items():
         row = [name.ljust(8), label.ljust(26)]
         for what in ("fwd", "train"):
-            a = statistics.median(times[(name, what, "ours")]) * 1e3
-            b = statistics.median(times[(name, what, "ref")]) * 1e3
+            ours_t, ref_t = times[(name, what, "ours")], times[(name, what, "ref")]
+            a, b = statistics.median(ours_t) * 1e3, statistics.median(ref_t) * 1e3
+            q1, _, q3 = paired_quartiles(ours_t, ref_t)
             w = 9 if what == "fwd" else 10
-            row += [f"{a:{w}.3f}", f"{b:{w}.3f}", f"{a / b:6.2f}"]
+            row += [f"{a:{w}.3f}", f"{b:{w}.3f}", f"{a / b:6.2f}", f"{q1:.2f}-{q3:.2f}".rjust(11)]
         print(" ".join(row))
     return 0
+
+
+def paired_quartiles(ours: list[float], ref: list[float]) -> tuple[float, float, float]:
+    """Quartiles of the per-round ratios ``ours[i] / ref[i]`` (both timed in round i): how far the
+    machine's noise moves the ratio. An interval that straddles 1 means the run cannot tell the two apart."""
+    ratios = [a / b for a, b in zip(ours, ref, strict=True)]
+    if len(ratios) < 2:
+        return ratios[0], ratios[0], ratios[0]
+    q1, q2, q3 = statistics.quantiles(ratios, n=4)
+    return q1, q2, q3
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .modules import CBAM, CBAMConfig
+from .modules import CBAM, CBAMConfig, _check_input
 from .options import ModuleConfig, declared, odd, option, positive
 
 __all__ = [
@@ -136,16 +136,19 @@ class Attention(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != self.dims + 2 or x.shape[1] != self.channels:
-            raise ValueError(
-                self.label + " expects (N, " + str(self.channels) + ", " + ", ".join(["*"] * self.dims)
-                + ") input, got " + str(list(x.shape))
-            )  # fmt: skip
+        _check_input(x, self.channels, self.dims, self.label)
         out = self.attend(x)
         gamma = self.gamma
         if gamma is not None:
             return torch.lerp(x, out, gamma.to(x.dtype))
         return out
+
+
+def _at_least_one(n: int) -> int:
+    """``max(n, 1)`` for a size; under ``jit.trace`` a size is a tensor, clamped without a Python branch."""
+    if isinstance(n, torch.Tensor):  # statically false in TorchScript, where n is an int
+        return n.clamp(min=1)  # type: ignore[return-value]
+    return max(n, 1)
 
 
 # ----------------------------------------------------------------------------- SE
@@ -329,9 +332,14 @@ class SimAM(Attention):
         m = 1
         for axis in spatial:
             m *= x.shape[axis]
-        d = (x - x.mean(spatial, keepdim=True)).square()
-        var = d.sum(spatial, keepdim=True) / max(m - 1, 1)
-        inv_e = d / (4.0 * (var + self.e_lambda)) + 0.5
+        # 1/e_t = ((t - mu) * s)^2 + 1/2 with s = 1 / sqrt(4 (sigma^2 + lambda)). Two-pass statistics
+        # as the authors' code (mean, then squared deviations), but sum (t - mu)^2 is a norm (no
+        # squared map is stored) and the square and + 1/2 are one fused multiply-add.
+        d = x - x.mean(spatial, keepdim=True)
+        norm = torch.linalg.vector_norm(d, 2, spatial, keepdim=True)
+        s = torch.rsqrt(norm.square() * (4.0 / _at_least_one(m - 1)) + 4.0 * self.e_lambda)
+        t = d * s
+        inv_e = torch.addcmul(torch.full_like(s, 0.5), t, t)
         return x * torch.sigmoid(inv_e)
 
 
@@ -385,7 +393,7 @@ class BAM(Attention):
     def attend(self, x: torch.Tensor) -> torch.Tensor:
         mc = self.channel_bn(self.channel_fc1(torch.relu(self.channel_fc0(x.mean(_spatial(x))))))
         ms = self.spatial(x)
-        return x + x * torch.sigmoid(_as_map(mc, self.dims) + ms)
+        return torch.addcmul(x, x, torch.sigmoid(_as_map(mc, self.dims) + ms))  # F + F * sigma(.), one pass
 
 
 # ----------------------------------------------------------------------------- GAM
@@ -443,16 +451,15 @@ class TripletConfig(ModuleConfig):
 
 
 class _ZPoolGate(nn.Module):
-    """One branch: Z-pool over dim 1, a kxk convolution (2 -> 1, no bias), BatchNorm, sigmoid."""
+    """One branch's gate: a kxk convolution (2 -> 1, no bias), BatchNorm and sigmoid of a Z-pool."""
 
     def __init__(self, kernel_size: int, dims: int) -> None:
         super().__init__()
         self.conv = _CONVS[dims](2, 1, kernel_size, padding=kernel_size // 2, bias=False)
         self.bn = _NORMS[dims](1, eps=1e-5, momentum=0.01)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = torch.cat([x.amax(1, keepdim=True), x.mean(1, keepdim=True)], dim=1)
-        return x * torch.sigmoid(self.bn(self.conv(z)))
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.bn(self.conv(z)))
 
 
 class TripletAttention(Attention):
@@ -467,6 +474,10 @@ class TripletAttention(Attention):
     the identity), the [max ; mean] order and the BatchNorm's momentum 0.01 are the authors'
     code's. Parameters: ``3 * (2*k*k + 2)``.
 
+    Computed without rotating F: a branch's Z-pool of the rotated map is F's pool over that axis,
+    rotated (a 2-channel map), and its gate goes back to F's layout with size 1 on the pooled
+    axis, so ``A(F) = F * (s1 + s2 + s3) / 3`` reads F once instead of copying it per branch.
+
     1-D and 3-D maps: the same rule with one branch per axis, d + 1 in all (the channel axis
     swapped with each spatial axis, then the plain channel pool), averaged.
     """
@@ -480,11 +491,18 @@ class TripletAttention(Attention):
         self.gates = nn.ModuleList(_ZPoolGate(k, self.dims) for _ in range(self.dims + 1))
 
     def attend(self, x: torch.Tensor) -> torch.Tensor:
-        total = x
+        # Branch a's rotation x.transpose(1, a) followed by the Z-pool over its dim 1 is the pool of x
+        # over axis a, transposed: only the pooled (2-channel) map is rotated, never x. Each gate is
+        # rotated back to x's layout as a broadcastable map (size 1 on the pooled axis), so
+        # (x*s1 + x*s2 + x*s3) / 3 = x * (s1/3 + s2/3 + s3/3) touches x once.
+        third = 1.0 / float(self.dims + 1)
+        total = x  # replaced by the first gate (TorchScript wants a typed start)
         for i, gate in enumerate(self.gates):
-            y = gate(x.transpose(1, i + 2)).transpose(1, i + 2) if i < self.dims else gate(x)
-            total = y if i == 0 else total + y
-        return total / float(self.dims + 1)
+            a = i + 2 if i < self.dims else 1
+            z = torch.cat([x.amax(a, keepdim=True), x.mean(a, keepdim=True)], dim=a)
+            s = gate(z.transpose(1, a)).transpose(1, a) * third
+            total = s if i == 0 else total + s
+        return x * total
 
 
 # ----------------------------------------------------------------------------- CBAM and the registry

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import _user_attention
 import pytest
@@ -287,8 +288,24 @@ def test_coordinate_attention_refuses_1d_maps_saying_why():
 @pytest.mark.parametrize("name", NEW)
 def test_wrong_input_is_one_line_naming_the_shape(name):
     m = ATTENTION[name](8)
-    with pytest.raises(ValueError, match=rf"^{name} expects \(N, 8, \*, \*\) input, got \[2, 4, 5, 5\]$"):
+    with pytest.raises(ValueError, match=rf"^{name} expects input of shape \(N, 8, \*, \*\), got \[2, 4, 5, 5\]$"):
         m(torch.randn(2, 4, 5, 5))
+
+
+@pytest.mark.parametrize("name", NEW)
+@pytest.mark.parametrize("shape", [(2, 8, 5, 5), (2, 8, 1, 1)], ids=["5x5", "1x1"])
+def test_constant_map_gives_finite_output_and_gradients(name, shape):
+    # a dead (all-zero) channel or a single position: no 0/0 in a variance, a norm or its gradient
+    m = _randomise(ATTENTION[name](8, init="identity")).eval()
+    with torch.no_grad():
+        m.gamma.fill_(0.5)
+    x = torch.zeros(shape)
+    x[0, 1:] = torch.randn(shape[1] - 1, *shape[2:])
+    x.requires_grad_()
+    y = m(x)
+    y.square().sum().backward()
+    assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
 
 
 @pytest.mark.parametrize("name", NEW)
@@ -350,7 +367,9 @@ def test_torchscript_script_and_trace_match_eager(name):
     want = m(x)
     scripted = torch.jit.script(m)
     torch.testing.assert_close(scripted(x), want)
-    traced = torch.jit.trace(m, (x,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", torch.jit.TracerWarning)  # no size is turned into a Python value
+        traced = torch.jit.trace(m, (x,))
     torch.testing.assert_close(traced(x), want)
 
 
