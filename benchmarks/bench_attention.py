@@ -22,9 +22,13 @@ Measured per module, on one (N, C, H, W) map:
   forward and ``out.backward(g)``), parameter gradients included.
 
 Rounds are interleaved (every implementation once per round, in a shuffled order) and the
-figure is the median. With one intra-op thread (the default) the clock is the thread's CPU time,
-which other processes on a shared machine do not inflate; otherwise wall time. The ratio is
-cbam_insert's time over the reference's (below 1: faster).
+figure is the median. A sample repeats the call until it lasts about ``--min-sample-ms`` (20 ms;
+the warm-up round sets the count, the same for a module and its reference), so one sample of a
+1 ms module is not one scheduler tick's worth of noise. With one intra-op thread (the default)
+the clock is the thread's CPU time, which other processes on a shared machine do not inflate;
+otherwise wall time. The ratio is cbam_insert's time over the reference's (below 1: faster);
+the quartiles are those of the per-round ratios (each round times both), so an interval that
+straddles 1 says the run cannot tell the two apart.
 
 ``--resnet50`` instead puts each module into every bottleneck of torchvision's ResNet-50
 (``after="block"``, the placement of the CBAM, BAM-in-block and SE papers) and prints, per module,
@@ -38,6 +42,7 @@ tensor it receives, median).
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import statistics
 import sys
@@ -241,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shape", default="8,128,28,28", help="N,C,H,W of the map (default 8,128,28,28)")
     p.add_argument("--rounds", type=int, default=11)
+    p.add_argument("--min-sample-ms", type=float, default=20.0,
+                   help="each sample repeats the call until it lasts about this long (default 20)")  # fmt: skip
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="a small map and 3 rounds (a smoke test)")
     p.add_argument("--modules", default=None, help="comma-separated (default: all)")
@@ -260,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     x = torch.randn(*shape)
     g = torch.randn(*shape)
     clock = _clock()
+    min_sample = 0.0 if args.quick else args.min_sample_ms / 1e3
 
     pairs = {}
     for name in names:
@@ -279,21 +287,26 @@ def main(argv: list[str] | None = None) -> int:
     times: dict[tuple[str, str, str], list[float]] = {j[:3]: [] for j in jobs}
     modes = {id(m): m for _, ours, ref in pairs.values() for m in (ours, ref)}
     rng = random.Random(0)
-    for r in range(rounds + 1):  # round 0 warms up
+    reps: dict[tuple[str, str], int] = {}  # calls per sample, the same for ours and the reference
+    for r in range(rounds + 1):  # round 0 warms up and sets the calls per sample
         order = list(jobs)
         rng.shuffle(order)
         for name, what, which, run in order:
             m = pairs[name][1] if which == "ours" else pairs[name][2]
             m.train(what == "train")
+            n = reps.get((name, what), 1) if r else 1
             t0 = clock()
-            run()
-            dt = clock() - t0
+            for _ in range(n):
+                run()
+            dt = (clock() - t0) / n
             if r:
                 times[(name, what, which)].append(dt)
+            else:
+                reps[(name, what)] = max(reps.get((name, what), 1), math.ceil(min_sample / max(dt, 1e-6)))
     del modes
 
     print(f"attention modules on a {'x'.join(map(str, shape))} float32 map, {torch.get_num_threads()} thread(s), "
-          f"torch {torch.__version__}, median of {rounds} interleaved rounds (ms)")  # fmt: skip
+          f"torch {torch.__version__}, median of {rounds} interleaved rounds, samples of >= {min_sample * 1e3:g} ms (ms per call)")  # fmt: skip
     print("ratio: median ours / median reference; quartiles: of the per-round ratios (same round, paired)")
     print(
         f"{'module':8} {'reference':26} {'fwd ours':>9} {'fwd ref':>9} {'ratio':>6} {'quartiles':>11}"

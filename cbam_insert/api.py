@@ -398,13 +398,13 @@ def _recorded_sites(model: nn.Module, step: Step, inputs: tuple[Any, ...]) -> tu
 
 def _for_module(site: Site, choice: ModuleChoice) -> Site:
     """The site with the module's name prefix (``layer1.0.se_add``), skipped where the module
-    does not handle the map's rank."""
+    does not handle the map's rank or channel count."""
     if choice.prefix != "cbam":
         parent, _, leaf = site.module_name.rpartition(".")
         leaf = choice.prefix + leaf[len("cbam") :] if leaf.startswith("cbam_") else leaf
         site = replace(site, module_name=f"{parent}.{leaf}" if parent else leaf)
     if site.used and site.shape:
-        why = choice.refusal(len(site.shape) - 2)
+        why = choice.refusal(site.shape[1], len(site.shape) - 2)
         if why is not None:
             site = replace(site, used=False, reason=why)
     return site

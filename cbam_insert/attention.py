@@ -108,6 +108,9 @@ class Attention(nn.Module):
         if isinstance(dims, bool) or dims not in self.ranks:
             raise ValueError(self.refusal(dims))
         config = self.Config.from_options(options)
+        why = self.channel_refusal(channels, config)
+        if why is not None:
+            raise ValueError(why)
         # plain data on the instance (a pickled model holds no config class the safe loader would refuse)
         self.options = {o.name: getattr(config, o.name) for o in declared(self.Config)}
         self.channels = channels
@@ -122,6 +125,12 @@ class Attention(nn.Module):
         ranks = ", ".join(f"{r}-D" for r in cls.ranks)
         why = f" ({cls.rank_reason})" if cls.rank_reason else ""
         return f"{cls.name} handles {ranks} feature maps, not dims={dims!r}{why}"
+
+    @classmethod
+    def channel_refusal(cls, channels: int, config: ModuleConfig) -> str | None:
+        """Why the module with ``config`` cannot take a map of ``channels`` channels (one line), or
+        None; a site it refuses is skipped with this reason."""
+        return None
 
     @property
     def config(self) -> ModuleConfig:
@@ -404,6 +413,10 @@ class GAMConfig(ModuleConfig):
     module: ClassVar[str] = "gam"
     rate: int = option(4, "GAM: reduction rate r of both submodules, width max(1, C // r)", check=positive, metavar="R")
     kernel_size: int = option(7, "CBAM/GAM/triplet: odd spatial kernel", check=odd, metavar="K")
+    groups: int = option(
+        1, "GAM: groups of the spatial convolutions, channels shuffled between them (the paper's ResNet-50 variant)",
+        check=positive, metavar="G",
+    )  # fmt: skip
 
 
 class GAM(Attention):
@@ -418,6 +431,13 @@ class GAM(Attention):
     k = 7 (the paper's). The paper has no released code and is silent about biases; the
     linear layers and convolutions here have them (PyTorch's default). Parameters:
     ``2*C*(C/r) + C/r + C`` (channel) ``+ 2*k^d*C*(C/r) + 3*(C/r) + 3*C`` (spatial).
+
+    ``groups=g`` (default 1, the definition above): the paper's ResNet-50 uses "group convolution
+    with channel shuffle" in the spatial submodule to keep the parameter count down, without giving
+    g or where the shuffle sits. Here both kxk convolutions have g groups and the hidden map is
+    shuffled between them (ShuffleNet's channel shuffle, so each output group sees every input
+    group); the spatial weights shrink to ``2*k^d*C*(C/r)/g``. g must divide C and C/r (a site
+    where it does not is skipped with that reason).
     """
 
     name = "gam"
@@ -431,14 +451,28 @@ class GAM(Attention):
         k = cfg.kernel_size
         self.channel_fc1 = conv(channels, hidden, 1)
         self.channel_fc2 = conv(hidden, channels, 1)
+        g = cfg.groups
+        self.groups = g
         self.spatial = nn.Sequential(
-            conv(channels, hidden, k, padding=k // 2), norm(hidden), nn.ReLU(),
-            conv(hidden, channels, k, padding=k // 2), norm(channels),
+            conv(channels, hidden, k, padding=k // 2, groups=g), norm(hidden), nn.ReLU(),
+            conv(hidden, channels, k, padding=k // 2, groups=g), norm(channels),
         )  # fmt: skip
+
+    @classmethod
+    def channel_refusal(cls, channels: int, config: ModuleConfig) -> str | None:
+        g = config.groups  # type: ignore[attr-defined]
+        hidden = hidden_width(channels, config.rate)  # type: ignore[attr-defined]
+        if channels % g or hidden % g:
+            return f"gam --groups {g} must divide the channels ({channels}) and the hidden width C // r ({hidden})"
+        return None
 
     def attend(self, x: torch.Tensor) -> torch.Tensor:
         f2 = x * torch.sigmoid(self.channel_fc2(torch.relu(self.channel_fc1(x))))
-        return f2 * torch.sigmoid(self.spatial(f2))
+        sp = self.spatial
+        h = sp[2](sp[1](sp[0](f2)))
+        if self.groups > 1:
+            h = F.channel_shuffle(h, self.groups)
+        return f2 * torch.sigmoid(sp[4](sp[3](h)))
 
 
 # ----------------------------------------------------------------------------- triplet attention
@@ -640,7 +674,7 @@ class ModuleChoice:
     options: dict[str, Any]
     prefix: str
     build: Callable[[int, int], nn.Module]
-    refusal: Callable[[int], str | None]
+    refusal: Callable[[int, int], str | None]  # (channels, spatial dims) -> why the site is skipped, or None
     user: bool = False
 
 
@@ -664,8 +698,11 @@ def choose(module: Any, options: dict[str, Any], *, trust: bool = True) -> Modul
         def build(channels: int, dims: int) -> nn.Module:
             return cls(channels, dims=dims, **normalized)
 
-        return ModuleChoice(module, {k: _json(v) for k, v in normalized.items()}, module, build,
-                            lambda dims: rank_refusal(module, dims))  # fmt: skip
+        def refusal(channels: int, dims: int) -> str | None:
+            by_channels = getattr(cls, "channel_refusal", None)
+            return rank_refusal(module, dims) or (by_channels(channels, cfg) if by_channels is not None else None)
+
+        return ModuleChoice(module, {k: _json(v) for k, v in normalized.items()}, module, build, refusal)
     if isinstance(module, str) and is_user_path(module):
         if not trust:
             raise ValueError(
@@ -691,7 +728,7 @@ def choose(module: Any, options: dict[str, Any], *, trust: bool = True) -> Modul
     def build_user(channels: int, dims: int) -> nn.Module:
         return UserAttention(channels, dims, factory=factory, target=target, factory_options=factory_options, init=init)
 
-    return ModuleChoice(target, {k: _json(v) for k, v in options.items()}, "attn", build_user, lambda dims: None, True)
+    return ModuleChoice(target, {k: _json(v) for k, v in options.items()}, "attn", build_user, lambda c, d: None, True)
 
 
 def check_keeps_shape(module: nn.Module, shape: tuple[int, ...], dtype: torch.dtype | None, where: str) -> None:

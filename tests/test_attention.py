@@ -221,6 +221,62 @@ def test_parameter_counts_follow_the_papers_formulas(c):
     assert _params(BAM(c)) == channel + spatial
     assert _params(GAM(c)) == (2 * c * h4 + h4 + c) + (2 * 49 * c * h4 + h4 + c + 2 * h4 + 2 * c)
     assert _params(TripletAttention(c)) == 3 * (2 * 49 + 2)  # 300: the paper's 4.8K over ResNet-50's 16 blocks
+    g = 4
+    assert _params(GAM(c, groups=g)) == (2 * c * h4 + h4 + c) + (2 * 49 * c * h4 // g + h4 + c + 2 * h4 + 2 * c)
+
+
+# ----------------------------------------------------------------------------- GAM with grouped convolutions
+
+
+def ref_gam_grouped(m: GAM, x: torch.Tensor, g: int) -> torch.Tensor:
+    """The grouped variant written out: group g of a convolution sees input group g only; the
+    shuffle sends hidden channel j*(C'/g) + i to position i*g + j (ShuffleNet's)."""
+    w1, w2 = m.channel_fc1.weight[:, :, 0, 0], m.channel_fc2.weight[:, :, 0, 0]
+    p = x.permute(0, 2, 3, 1)
+    f2 = torch.sigmoid(F.linear(torch.relu(F.linear(p, w1, m.channel_fc1.bias)), w2, m.channel_fc2.bias)).permute(
+        0, 3, 1, 2
+    ) * x
+    c1, n1, _, c2, n2 = m.spatial
+
+    def grouped(t: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+        ins, outs = t.chunk(g, 1), conv.weight.chunk(g, 0)
+        bias = conv.bias.chunk(g, 0)
+        return torch.cat([F.conv2d(a, w, b, padding=3) for a, w, b in zip(ins, outs, bias)], 1)
+
+    h = torch.relu(_bn(grouped(f2, c1), n1))
+    per = h.shape[1] // g
+    order = [j * per + i for i in range(per) for j in range(g)]
+    h = h[:, order]
+    return torch.sigmoid(_bn(grouped(h, c2), n2)) * f2
+
+
+@pytest.mark.parametrize(("channels", "g"), [(32, 2), (64, 4), (48, 3)])
+def test_gam_groups_match_grouped_convolutions_with_a_channel_shuffle(channels, g):
+    m = _randomise(GAM(channels, groups=g)).eval()
+    x = torch.randn(2, channels, 9, 7)
+    torch.testing.assert_close(m(x), ref_gam_grouped(m, x, g), atol=1e-5, rtol=1e-5)
+    plain = _randomise(GAM(channels)).eval()
+    assert m.spatial[0].weight.shape[1] == channels // g and plain.spatial[0].weight.shape[1] == channels
+
+
+def test_gam_groups_that_do_not_divide_are_refused_in_one_line():
+    with pytest.raises(ValueError, match=r"^gam --groups 3 must divide the channels \(64\) and the hidden width C // r \(16\)$"):
+        GAM(64, groups=3)
+
+
+def test_gam_groups_skip_the_sites_they_do_not_divide():
+    # ResNet-18's blocks have 64..512 channels: groups=32 divides C but not C/4 = 16 at layer1
+    model = torchvision.models.resnet18().eval()
+    x = torch.randn(1, 3, 64, 64)
+    patched = insert_attention(model, module="gam", groups=32, after="block", example_inputs=(x,))
+    sites = {s.name: s for s in patched.cbam_report.sites if s.kind == "block"}
+    skipped = [s for s in sites.values() if not s.used]
+    assert skipped and all("gam --groups 32 must divide" in s.reason for s in skipped)
+    used = [s for s in sites.values() if s.used]
+    assert used and all(s.shape[1] // 4 % 32 == 0 for s in used)
+    torch.testing.assert_close(patched(x).shape, model(x).shape)
+    gams = [mod for mod in patched.modules() if isinstance(mod, GAM)]
+    assert len(gams) == len(used) and all(mod.groups == 32 for mod in gams)
 
 
 @pytest.mark.parametrize(("c", "k"), [(16, 3), (64, 3), (128, 5), (256, 5), (512, 5), (1024, 5), (2048, 7)])
@@ -358,9 +414,12 @@ def test_the_recipe_form_of_a_config_holds_only_what_differs_from_the_default():
 # ----------------------------------------------------------------------------- exports in their runtimes
 
 
-@pytest.mark.parametrize("name", NEW)
-def test_torchscript_script_and_trace_match_eager(name):
-    m = _randomise(ATTENTION[name](8, init="identity")).eval()
+EXPORTED = [pytest.param(n, {}, id=n) for n in NEW] + [pytest.param("gam", {"groups": 2}, id="gam-groups2")]
+
+
+@pytest.mark.parametrize(("name", "opts"), EXPORTED)
+def test_torchscript_script_and_trace_match_eager(name, opts):
+    m = _randomise(ATTENTION[name](8, init="identity", **opts)).eval()
     with torch.no_grad():
         m.gamma.fill_(0.7)
     x = torch.randn(2, 8, 6, 5)
@@ -373,20 +432,20 @@ def test_torchscript_script_and_trace_match_eager(name):
     torch.testing.assert_close(traced(x), want)
 
 
-@pytest.mark.parametrize("name", NEW)
-def test_torch_export_matches_eager(name):
-    m = _randomise(ATTENTION[name](8)).eval()
+@pytest.mark.parametrize(("name", "opts"), EXPORTED)
+def test_torch_export_matches_eager(name, opts):
+    m = _randomise(ATTENTION[name](8, **opts)).eval()
     x = torch.randn(2, 8, 6, 5)
     ep = torch.export.export(m, (x,))
     y = torch.randn(2, 8, 6, 5)
     torch.testing.assert_close(ep.module()(y), m(y))
 
 
-@pytest.mark.parametrize("name", NEW)
-def test_onnx_export_runs_in_onnxruntime(name, tmp_path):
+@pytest.mark.parametrize(("name", "opts"), EXPORTED)
+def test_onnx_export_runs_in_onnxruntime(name, opts, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
-    m = _randomise(ATTENTION[name](8)).eval()
+    m = _randomise(ATTENTION[name](8, **opts)).eval()
     x = torch.randn(2, 8, 6, 5)
     path = tmp_path / f"{name}.onnx"
     torch.onnx.export(m, (x,), str(path), opset_version=18, dynamo=True)
@@ -619,6 +678,16 @@ def test_cli_module_and_its_options(tmp_path):
     assert data["module"] == "triplet" and data["params"]["delta"] == 8 * 3 * (2 * 9 + 2)
     assert sorted(data["bench"]["per_site_ms"]) == sorted(data["modules"]) and len(data["modules"]) == 8
     assert all(v > 0 for v in data["bench"]["per_site_ms"].values())
+    out = tmp_path / "r18_gam.pt"
+    res = runner.invoke(app, ["torchvision:resnet18", "--input-shape", "1,3,64,64", "--module", "gam", "--groups", "4",
+                              "--after", "stage", "-o", str(out), "--quiet"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    model = load_model(out)
+    assert model.cbam_recipe["steps"][0]["options"] == {"groups": 4}
+    gams = [m for m in model.modules() if isinstance(m, GAM)]
+    assert len(gams) == 4 and all(m.spatial[0].groups == 4 for m in gams)
+    res = runner.invoke(app, ["torchvision:resnet18", "--module", "gam", "--groups", "0", "--dry-run"])
+    assert res.exit_code == 1 and res.stderr.count("\n") == 1 and "groups must be" in res.stderr
 
 
 def test_cli_every_declared_option_is_a_flag():

@@ -88,5 +88,8 @@ def test_bench_attention_quick_checks_each_module_against_its_reference_and_prin
             ("se", "eca", "coord", "simam", "bam", "gam", "triplet")]  # fmt: skip
     assert [r[0] for r in rows] == ["se", "eca", "coord", "simam", "bam", "gam", "triplet"]
     for r in rows:
-        ratios = [float(r[-4]), float(r[-1])]
+        ratios = [float(r[-6]), float(r[-2])]  # fwd and train: ratio, then the per-round quartiles
         assert all(math.isfinite(v) and v > 0 for v in ratios), r
+        for q in (r[-5], r[-1]):
+            q1, q3 = map(float, q.split("-"))
+            assert 0 < q1 <= q3, r
