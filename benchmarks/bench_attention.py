@@ -6,6 +6,7 @@ Run from the repository root::
     python benchmarks/bench_attention.py --quick     # seconds: small maps, 3 rounds
     python benchmarks/bench_attention.py --shape 8,256,28,28 --rounds 15
     python benchmarks/bench_attention.py --resnet50   # each module in every ResNet-50 bottleneck
+    python benchmarks/bench_attention.py --resnet50 --modules gam,gam/groups=4   # options as /key=value
 
 The straightforward formulation is timm's module where timm has one (SE: ``SEModule``, ECA:
 ``EcaModule``, coordinate attention: ``CoordAttn``, each built with the paper's widths and
@@ -211,7 +212,8 @@ def resnet50_table(rounds: int, names: list[str]) -> None:
     models: dict[str, nn.Module] = {"original": original}
     rows = {}
     for name in names:
-        patched = insert_attention(original, after="block", example_inputs=(x,), module=name, seed=0).eval()
+        module, options = parse_module(name)
+        patched = insert_attention(original, after="block", example_inputs=(x,), module=module, seed=0, **options).eval()
         cost = cost_report(original, patched, (x,), modules=patched.cbam_report.modules)
         rows[name] = (cost, patched.cbam_report.modules)
         models[name] = patched
@@ -231,11 +233,21 @@ def resnet50_table(rounds: int, names: list[str]) -> None:
     print(f"ResNet-50, every bottleneck (after=block, 16 sites), 1x3x224x224, {torch.get_num_threads()} thread(s), "
           f"torch {torch.__version__}; model latency: fastest of {rounds} interleaved rounds")  # fmt: skip
     print(f"original: {original_params(original):,} params, {cost.flops_before / 1e9:.3f} GMACs, {base * 1e3:.1f} ms")
-    print(f"{'module':8} {'params +':>12} {'MACs +':>16} {'model +':>10} {'sum of sites':>13}")
+    print(f"{'module':14} {'params +':>12} {'MACs +':>16} {'model +':>10} {'sum of sites':>13}")
     for name, (cost, modules) in rows.items():
         added = (min(times[name]) - base) * 1e3
         per_site = sum(site_latency(models[name], (x,), modules, runs=max(3, rounds // 2), clock=clock).values()) * 1e3
-        print(f"{name:8} {cost.params_delta:>12,} {cost.flops_delta:>16,} {added:>8.1f}ms {per_site:>11.1f}ms")
+        print(f"{name:14} {cost.params_delta:>12,} {cost.flops_delta:>16,} {added:>8.1f}ms {per_site:>11.1f}ms")
+
+
+def parse_module(text: str) -> tuple[str, dict[str, int | float]]:
+    """``gam/groups=4`` -> ("gam", {"groups": 4}): a module with options for the ResNet-50 table."""
+    name, *pairs = text.split("/")
+    options: dict[str, int | float] = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        options[key] = float(value) if "." in value or "e" in value else int(value)
+    return name, options
 
 
 def original_params(model: nn.Module) -> int:

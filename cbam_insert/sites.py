@@ -283,6 +283,9 @@ def _block_sites(a: Analysis) -> list[Site]:
         if not ok:
             sites.append(_skip(a, "block", key, n, f"merge of {why}"))
             continue
+        if _gated_merge(a, ops):
+            sites.append(_skip(a, "block", key, n, "gated merge (z*a + (1 - z)*b with a sigmoid gate z, as in a GRU): not a residual block"))
+            continue
         fork, seen = _ancestry(a, ops[0], ops[1])
         if fork is None:
             sites.append(_skip(a, "block", key, n, "the operands share no ancestor: not a residual block"))
@@ -317,6 +320,39 @@ def _block_sites(a: Analysis) -> list[Site]:
             continue
         sites.append(_skip(a, "block", key, n, "top-down merge (the long path drops below the merge's resolution): not a residual block"))
     return sites
+
+
+_MULS = {operator.mul, torch.mul}
+_SIGMOIDS = {torch.sigmoid, F.sigmoid}
+_SUBS = {operator.sub, torch.sub, torch.rsub}
+
+
+def _gated_merge(a: Analysis, ops: Sequence[fx.Node]) -> bool:
+    """Both operands are products, gated by one sigmoid: ``z * a + (1 - z) * b`` (a GRU's or a
+    highway layer's interpolation, not a branch added to a shortcut)."""
+
+    def is_mul(n: fx.Node) -> bool:
+        return (n.op == "call_function" and n.target in _MULS) or (n.op == "call_method" and n.target == "mul")
+
+    def is_sigmoid(n: fx.Node) -> bool:
+        return (
+            (n.op == "call_function" and n.target in _SIGMOIDS)
+            or (n.op == "call_method" and n.target == "sigmoid")
+            or isinstance(a.module_of(n), nn.Sigmoid)
+        )
+
+    def gates(product: fx.Node) -> set[fx.Node]:
+        out = set()
+        for f in product.args:
+            if not isinstance(f, fx.Node):
+                continue
+            if is_sigmoid(f):
+                out.add(f)
+            elif f.op == "call_function" and f.target in _SUBS:  # 1 - z
+                out.update(g for g in f.args if isinstance(g, fx.Node) and is_sigmoid(g))
+        return out
+
+    return all(is_mul(x) for x in ops) and bool(gates(ops[0]) & gates(ops[1]))
 
 
 def _mixes_earlier(a: Analysis, fork: fx.Node, members: Sequence[fx.Node]) -> bool:

@@ -93,3 +93,13 @@ def test_bench_attention_quick_checks_each_module_against_its_reference_and_prin
         for q in (r[-5], r[-1]):
             q1, q3 = map(float, q.split("-"))
             assert 0 < q1 <= q3, r
+
+
+def test_bench_attention_resnet50_table_counts_module_options():
+    out = _run("benchmarks/bench_attention.py", "--resnet50", "--quick", "--modules", "eca,se/reduction=8").stdout
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()[:1] in (["eca"], ["se/reduction=8"])}
+    channels = [256] * 3 + [512] * 4 + [1024] * 6 + [2048] * 3  # the 16 bottlenecks' outputs
+    se = sum(2 * c * (c // 8) + c // 8 + c for c in channels)  # two FC layers with biases, r = 8
+    assert int(rows["se/reduction=8"][1].replace(",", "")) == se
+    assert int(rows["eca"][1].replace(",", "")) == 3 * 5 + 4 * 5 + 6 * 5 + 3 * 7  # k(256..1024) = 5, k(2048) = 7
+    assert all(float(r[-1].removesuffix("ms")) > 0 for r in rows.values())

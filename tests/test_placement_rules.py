@@ -107,6 +107,44 @@ def test_skip_sum_accumulations_are_not_residual_blocks() -> None:
     assert len(acc) == 3 and all(s.reason.startswith("accumulating sum") for s in acc)
 
 
+class _ConvGRU(nn.Module):
+    """RAFT's convolutional GRU: h' = (1 - z) * h + z * q."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.convz = nn.Conv2d(2 * c, c, 3, padding=1)
+        self.convr = nn.Conv2d(2 * c, c, 3, padding=1)
+        self.convq = nn.Conv2d(2 * c, c, 3, padding=1)
+
+    def forward(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        hx = torch.cat([h, x], dim=1)
+        z = torch.sigmoid(self.convz(hx))
+        r = torch.sigmoid(self.convr(hx))
+        q = torch.tanh(self.convq(torch.cat([r * h, x], dim=1)))
+        return (1 - z) * h + z * q
+
+
+class _GRUThenResidual(nn.Module):
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.gru = _ConvGRU(c)
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        h = self.gru(h, x)
+        return h + self.conv(torch.relu(h))
+
+
+def test_a_gru_update_is_a_gated_merge_not_a_residual_block() -> None:
+    x = torch.rand(1, 8, 12, 12)
+    sites = find_sites(_GRUThenResidual(), after="block", example_inputs=(x, x))
+    by_name = {s.name: s for s in sites}
+    gru = [s for s in sites if s.name.startswith("gru.")]
+    assert len(gru) == 1 and not gru[0].used
+    assert gru[0].reason == "gated merge (z*a + (1 - z)*b with a sigmoid gate z, as in a GRU): not a residual block"
+    assert [s.reason for s in sites if s.used] == ["residual branch (identity shortcut)"], by_name
+
+
 def test_yolo11_attention_plus_positional_conv_is_not_a_residual_block() -> None:
     sites = find_sites(_yolo("yolo11n.yaml"), after="block", example_inputs=(torch.rand(1, 3, 64, 64),))
     attn = [s for s in sites if s.name.endswith("attn.add")]
