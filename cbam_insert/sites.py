@@ -17,8 +17,8 @@ are candidates depends on the placement:
   plus a positional term (the short path is a matmul: YOLO11's ``attn.add``).
 * ``stage`` — the output of each backbone stage, across the traced parts of the model in the
   order they run: the articulation nodes (every path from the input through the backbone passes
-  through them) before the first feature map larger than one seen before it (a decoder, neck or
-  head starts there), grouped by spatial size; a stage ends at the last one that is the output of
+  through them) before the first feature map larger than one on its way from the input (an
+  upsampling: a decoder, neck or head starts there), grouped by spatial size; a stage ends at the last one that is the output of
   the shallowest module (an untraced parent counts: ultralytics' C2f returns its ``cv2``), when
   the stretch before it holds at least two conv units or one residual block. The model's output
   and maps no learnable layer reads (logits, masks) are never stage ends, and the last stage
@@ -434,15 +434,28 @@ def _stage_candidates(a: Analysis, ui: int, block_sites: Sequence[Site], smalles
     convs = [a.index[c] for c, _ in conv_units(a)]
     merges = [a.index[a.by_key[s.key]] for s in block_sites if s.used]
     stop, ended = len(a.nodes), False
+    # low[n]: the smallest resolution on the way to n (n and its ancestors' feature maps; a part's
+    # inputs start from the smallest seen in the parts before). A map larger than that comes from a
+    # lower level: upsampling, so a decoder, neck or head. Graph order alone is not enough: a block
+    # may compute its strided shortcut before its branch starts at the input's resolution.
+    low: dict[fx.Node, tuple[int, ...]] = {}
     for n in a.nodes:
         ok, _ = a.feature_map(n)
-        if not ok:
-            continue
-        size = tuple(_tensor_info(n).shape[2:])  # type: ignore[union-attr]
-        if smallest is not None and len(size) == len(smallest) and any(s > m for s, m in zip(size, smallest)):
+        size = tuple(_tensor_info(n).shape[2:]) if ok else None  # type: ignore[union-attr]
+        below = [low[p] for p in n.all_input_nodes if p in low]
+        if n.op == "placeholder" and smallest is not None:
+            below.append(smallest)
+        rank = len(size) if size is not None else len(below[0]) if below else 0
+        below = [b for b in below if len(b) == rank]
+        floor = tuple(min(dims) for dims in zip(*below)) if below else None
+        if size is not None and floor is not None and any(s > m for s, m in zip(size, floor)):
             stop, ended = a.index[n], True
             break
-        smallest = size if smallest is None or len(size) != len(smallest) else tuple(min(s, m) for s, m in zip(size, smallest))
+        here = size if floor is None else floor if size is None else tuple(min(s, m) for s, m in zip(size, floor))
+        if here is not None:
+            low[n] = here
+        if size is not None:
+            smallest = size if smallest is None or len(size) != len(smallest) else tuple(min(s, m) for s, m in zip(size, smallest))
     whole = a.unit.path == ""
     learnable = _learnable_after(a)
     last = a.scope_last_nodes()

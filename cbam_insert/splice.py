@@ -208,7 +208,9 @@ def _locate(index: dict[tuple[object, ...], fx.Node], site: Site) -> tuple[tuple
             return None, f"{site.operand_anchor.describe()} does not feed the merge"
     info = node.meta.get("cbam_info")
     if not isinstance(info, TensorInfo):
-        return None, "no tensor shape there"
+        # found by its anchor, but shape propagation stopped before it in this mode (Inception-v3's
+        # train-mode aux head fails on a batch of one): the site's shape stands
+        return (node, merge), ""
     if tuple(info.shape) != tuple(site.shape):
         return None, f"shape {list(info.shape)} there, {list(site.shape)} here"
     return (node, merge), ""
