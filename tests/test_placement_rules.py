@@ -145,6 +145,31 @@ def test_a_gru_update_is_a_gated_merge_not_a_residual_block() -> None:
     assert [s.reason for s in sites if s.used] == ["residual branch (identity shortcut)"], by_name
 
 
+class _ShortcutFirst(nn.Module):
+    """A residual block whose strided projection runs before its branch, as RegNet's
+    ``proj(x) + f(x)``: in graph order a half-size map comes before the full-size branch conv."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(cin, cout, 1, stride=stride)
+        self.a = nn.Sequential(nn.Conv2d(cin, cout, 1), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(cout, cout, 3, stride=stride, padding=1), nn.ReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.proj(x) + self.b(self.a(x)))
+
+
+def test_a_shortcut_computed_before_its_branch_does_not_end_the_backbone() -> None:
+    model = nn.Sequential(
+        nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU()),
+        *(nn.Sequential(_ShortcutFirst(c, 2 * c, 2), _ShortcutFirst(2 * c, 2 * c, 1)) for c in (8, 16, 32)),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10),
+    )  # fmt: skip
+    sites = [s for s in find_sites(model, after="stage", example_inputs=(torch.rand(1, 3, 64, 64),)) if s.used]
+    assert [s.shape[2:] for s in sites] == [(32, 32), (16, 16), (8, 8)]
+    assert [s.stage for s in sites] == [1, 2, 3]
+
+
 def test_yolo11_attention_plus_positional_conv_is_not_a_residual_block() -> None:
     sites = find_sites(_yolo("yolo11n.yaml"), after="block", example_inputs=(torch.rand(1, 3, 64, 64),))
     attn = [s for s in sites if s.name.endswith("attn.add")]
