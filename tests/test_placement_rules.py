@@ -190,3 +190,15 @@ def test_frozen_and_one_channel_convs_are_not_conv_sites() -> None:
     assert reasons["0"][0] is True
     assert reasons["2"] == (False, "a frozen conv (requires_grad=False): not a learnable feature map")
     assert reasons["3"] == (False, "a one-channel conv output: nothing for channel attention to weigh")
+
+
+def test_fpn_detector_stages_are_the_backbones_four() -> None:
+    # the FPN's lateral convs read C3 and C4 after C5 is computed, before the first upsampling:
+    # they are the neck, not paths that would make C5's stage no articulation point
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.detection.retinanet_resnet50_fpn(weights=None, weights_backbone=None).eval()
+    sites = [s for s in find_sites(model, after="stage", example_inputs=([torch.rand(3, 128, 128)],)) if s.used]
+    assert [s.name for s in sites] == ["backbone.body.layer1", "backbone.body.layer2", "backbone.body.layer3", "backbone.body"]
+    assert [s.shape[1] for s in sites] == [256, 512, 1024, 2048] and [s.stage for s in sites] == [1, 2, 3, 4]
