@@ -408,23 +408,36 @@ def _cut_vertices(a: Analysis, stop: int, region: set[fx.Node] | None = None) ->
 
 
 def _backbone(a: Analysis, stop: int) -> set[fx.Node] | None:
-    """The nodes before ``stop`` that lead to the last map at the part's smallest resolution (that
-    map included): the backbone, without the neck convs that read its earlier levels before the
-    first upsampling (an FPN's lateral convs on C3-C5 come before its top-down interpolation)."""
+    """The nodes before ``stop`` whose reads count for the stage cuts: all but a neck's, i.e. the
+    nodes outside the module that holds the first map at the part's smallest resolution (taken one
+    level below what all the maps share) that do not lead to that map. An FPN's lateral convs read
+    C3 and C4 after C5 is computed, before the first upsampling. None: every node counts."""
     maps = [(n, tuple(_tensor_info(n).shape[2:])) for n in a.nodes[:stop] if a.feature_map(n)[0]]  # type: ignore[union-attr]
     if not maps:
         return None
     rank = len(maps[-1][1])
-    sizes = [size for _, size in maps if len(size) == rank]
-    least = min(sizes, key=lambda size: tuple(sorted(size)))
-    deepest = [n for n, size in maps if size == least][-1]
-    region, todo = {deepest}, [deepest]
+    least = min((size for _, size in maps if len(size) == rank), key=lambda size: tuple(sorted(size)))
+    deepest = next(n for n, size in maps if size == least)  # the first: a neck's later ops there are no backbone
+    scopes = [_scope(n) for n, _ in maps]
+    shared = 0
+    while all(len(p) > shared and p[shared] == scopes[0][shared] for p in scopes):
+        shared += 1
+    home = _scope(deepest)[: shared + 1]
+    if len(home) <= shared:
+        return None
+    lead, todo = {deepest}, [deepest]
     while todo:
         for p in todo.pop().all_input_nodes:
-            if p not in region:
-                region.add(p)
+            if p not in lead:
+                lead.add(p)
                 todo.append(p)
-    return region
+    return {n for n in a.nodes[:stop] if n in lead or _scope(n)[: shared + 1] == home}
+
+
+def _scope(n: fx.Node) -> tuple[str, ...]:
+    """The path (in the traced part) of the innermost module ``n`` runs in, as its components."""
+    stack = list((n.meta.get("nn_module_stack") or {}).values())
+    return tuple(str(stack[-1][0]).split(".")) if stack else ()
 
 
 def _learnable_after(a: Analysis) -> set[fx.Node]:
