@@ -16,10 +16,9 @@ are candidates depends on the placement:
   whose paths also read layers before the fork (ConvTasNet's skip sums), and an attention output
   plus a positional term (the short path is a matmul: YOLO11's ``attn.add``).
 * ``stage`` — the output of each backbone stage, across the traced parts of the model in the
-  order they run: the articulation nodes (every path from the input to the deepest map passes
-  through them; an FPN's lateral convs reading earlier levels are not such paths) before the
-  first feature map larger than one on its way from the input (an upsampling: a decoder, neck
-  or head starts there), grouped by spatial size; a stage ends at the last one that is the output of
+  order they run: the articulation nodes (every path from the input through the backbone passes
+  through them) before the first feature map larger than one on its way from the input (an
+  upsampling: a decoder, neck or head starts there), grouped by spatial size; a stage ends at the last one that is the output of
   the shallowest module (an untraced parent counts: ultralytics' C2f returns its ``cv2``), when
   the stretch before it holds at least two conv units or one residual block. The model's output
   and maps no learnable layer reads (logits, masks) are never stage ends, and the last stage
@@ -390,54 +389,20 @@ def _channels(a: Analysis, n: fx.Node, shape: Sequence[int]) -> int:
     return int(shape[1]) if len(shape) > 1 and a.axis.get(n) == 1 else 0
 
 
-def _cut_vertices(a: Analysis, stop: int, region: set[fx.Node] | None = None) -> list[fx.Node]:
+def _cut_vertices(a: Analysis, stop: int) -> list[fx.Node]:
     """Articulation nodes of the graph's first ``stop`` nodes: every path from the input through
-    that part passes through them (reads by nodes beyond it, U-Net skips, do not count, nor reads
-    by nodes outside ``region`` when one is given: an FPN's lateral convs)."""
+    that part passes through them (reads by nodes beyond it, U-Net skips, do not count)."""
     # shape reads (x.shape[-2:] kept for a final resize, as in FCN) are not dataflow: they span no stage
     order = [n for n in a.nodes[:stop] if n not in a.const and n.op != "output" and _carries_tensor(n)]
     pos = {n: i for i, n in enumerate(order)}
     cuts, reach = [], -1
     for i, n in enumerate(order):
-        if reach <= i and n.op != "placeholder" and (region is None or n in region):
+        if reach <= i and n.op != "placeholder":
             cuts.append(n)
         for u in n.users:
-            if u in pos and (region is None or u in region):
+            if u in pos:
                 reach = max(reach, pos[u])
     return cuts
-
-
-def _backbone(a: Analysis, stop: int) -> set[fx.Node] | None:
-    """The nodes before ``stop`` whose reads count for the stage cuts: all but a neck's, i.e. the
-    nodes outside the module that holds the first map at the part's smallest resolution (taken one
-    level below what all the maps share) that do not lead to that map. An FPN's lateral convs read
-    C3 and C4 after C5 is computed, before the first upsampling. None: every node counts."""
-    maps = [(n, tuple(_tensor_info(n).shape[2:])) for n in a.nodes[:stop] if a.feature_map(n)[0]]  # type: ignore[union-attr]
-    if not maps:
-        return None
-    rank = len(maps[-1][1])
-    least = min((size for _, size in maps if len(size) == rank), key=lambda size: tuple(sorted(size)))
-    deepest = next(n for n, size in maps if size == least)  # the first: a neck's later ops there are no backbone
-    scopes = [_scope(n) for n, _ in maps]
-    shared = 0
-    while all(len(p) > shared and p[shared] == scopes[0][shared] for p in scopes):
-        shared += 1
-    home = _scope(deepest)[: shared + 1]
-    if len(home) <= shared:
-        return None
-    lead, todo = {deepest}, [deepest]
-    while todo:
-        for p in todo.pop().all_input_nodes:
-            if p not in lead:
-                lead.add(p)
-                todo.append(p)
-    return {n for n in a.nodes[:stop] if n in lead or _scope(n)[: shared + 1] == home}
-
-
-def _scope(n: fx.Node) -> tuple[str, ...]:
-    """The path (in the traced part) of the innermost module ``n`` runs in, as its components."""
-    stack = list((n.meta.get("nn_module_stack") or {}).values())
-    return tuple(str(stack[-1][0]).split(".")) if stack else ()
 
 
 def _learnable_after(a: Analysis) -> set[fx.Node]:
@@ -497,7 +462,7 @@ def _stage_candidates(a: Analysis, ui: int, block_sites: Sequence[Site], smalles
     base = a.unit.path.count(".") + 1 if a.unit.path else 0
     outer = (a.unit.returned_by or a.unit.path).count(".")
     out, prev = [], -1
-    for n in _cut_vertices(a, stop, _backbone(a, stop)):
+    for n in _cut_vertices(a, stop):
         ok, _ = a.feature_map(n)
         if not ok or (whole and (n is a.returned or n not in learnable)):
             continue
