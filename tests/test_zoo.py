@@ -42,6 +42,16 @@ def _passing_in_doc() -> set[str]:
     return {name for name, ok in rows.items() if ok and all(ok)}
 
 
+def _counts_in_doc() -> dict[tuple[str, str], tuple[int, ...]]:
+    """(model, placement) -> (found, used, skipped, Δparams, ΔMACs) as the committed table has them."""
+    out = {}
+    for line in DOC.read_text().splitlines() if DOC.exists() else []:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 9 and cells[0].startswith("`") and cells[4].replace(",", "").isdigit():
+            out[(cells[0].strip("`"), cells[2])] = tuple(int(c.replace(",", "") or 0) for c in cells[4:9])  # blank: none
+    return out
+
+
 # CI re-runs every builder that passed the last sweep and weighs under 50M parameters
 # (about 5 CPU-minutes); CBAM_ZOO=full re-runs all 109, as `python tools/zoo.py` does.
 _FULL = os.environ.get("CBAM_ZOO") == "full"
@@ -74,6 +84,13 @@ def test_builder_passes_every_placement(name: str, task: str) -> None:
     assert [r.placement for r in rows] == list(zoo.PLACEMENTS)
     failed = [f"{r.placement}: {r.reason}" for r in rows if not r.passed]
     assert not failed, "\n".join(failed)
+    # the sites and costs are the published table's: a change in them is a change in behaviour,
+    # which comes with a regenerated docs/zoo.md (python tools/zoo.py)
+    doc = _counts_in_doc()
+    for r in rows:
+        want = doc.get((name, r.placement))
+        got = (r.found, r.used, r.skipped, r.params_delta, r.flops_delta)
+        assert want is None or got == want, f"{r.placement}: found/used/skipped/Δparams/ΔMACs {got}, docs/zoo.md {want}"
 
 
 def test_no_site_row_passes_only_for_the_expected_reason() -> None:
