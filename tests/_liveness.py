@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cbam_insert.modules import CBAM
+from cbam_insert.attention import is_attention
 
 __all__ = ["first_tensor", "live_counts", "randomize_norms", "same_in_mode"]
 
@@ -40,12 +40,12 @@ def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
 
 
 def live_counts(model: nn.Module, inputs: tuple[Any, ...], training: bool) -> dict[str, tuple[int, bool]]:
-    """For each CBAM module: calls in one forward in the given mode, and whether backward from
+    """For each inserted attention module (CBAM or another): calls in one forward in the given mode, and whether backward from
     the output reached its parameters. Runs on a copy (train mode updates norm statistics)."""
     work = copy.deepcopy(model)
     calls: dict[str, int] = {}
     for name, mod in work.named_modules():
-        if isinstance(mod, CBAM):
+        if is_attention(mod):
             calls[name] = 0
             mod.register_forward_hook(lambda m, i, o, name=name: calls.__setitem__(name, calls[name] + 1))
     work.train(training)

@@ -16,13 +16,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from cbam_insert import insert_cbam
+from cbam_insert import insert_attention
 
 
 def _check(model: nn.Module, x: torch.Tensor, after: str, **kw) -> int:
     """Patch ``model`` at ``after`` with identity init and check every CBAM in both modes."""
     model = randomize_norms(model)
-    patched = insert_cbam(model, after=after, example_inputs=(x,), init="identity", **kw)
+    patched = insert_attention(model, after=after, example_inputs=(x,), init="identity", **kw)
     n = len(patched.cbam_report.modules)
     assert n > 0
     for training in (False, True):
@@ -44,6 +44,15 @@ def test_timm_drop_path_keeps_every_cbam_live_in_train_mode(name: str, after: st
     n = _check(model, torch.rand(2, 3, 64, 64), after)
     if expected is not None:
         assert n == expected
+
+
+@pytest.mark.parametrize(("module", "options"), [("triplet", {}), ("simam", {}), ("gam", {"groups": 4}), ("bam", {})])
+def test_timm_drop_path_keeps_every_other_module_live_in_train_mode(module: str, options: dict) -> None:
+    # the rewritten triplet / SimAM / BAM arithmetic and GAM's grouped variant, in a host that is
+    # not torchvision, with stochastic depth in its train-mode graph
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("resnet18", pretrained=False, drop_path_rate=0.1, num_classes=10)
+    assert _check(model, torch.rand(2, 3, 64, 64), "block", module=module, **options) == 8
 
 
 @pytest.mark.parametrize("after", ["block", "stage"])
